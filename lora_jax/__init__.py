@@ -1,0 +1,36 @@
+"""lora_jax: low-rank adaptation as a functional transform of Flax parameter trees.
+
+    import lora_jax as lj
+    spec = lj.LoraSpec(rank=8, alpha=16.0, targets=(r".*/(query|value)/kernel",))
+    adapters = lj.init_adapters(params, spec, key)
+    y = lj.apply(model, params, adapters, x)
+    tx = lj.adapter_optimizer(optax.adamw(1e-3), adapters)
+    merged = lj.merge(params, adapters)
+    print(lj.summary(params, adapters))
+
+Importing this package has no side effects.
+"""
+
+from lora_jax.layers import Layout
+from lora_jax.methods import Adapter, Ctx
+from lora_jax.optim import adapter_labels, adapter_optimizer
+from lora_jax.rules import PRESETS, Rule, select_targets
+from lora_jax.transform import (
+    LoraSpec,
+    apply,
+    count_params,
+    init_adapters,
+    join,
+    materialized,
+    merge,
+    split,
+    summary,
+    trace_layouts,
+    unmerge,
+)
+
+__all__ = [
+    "Adapter", "Ctx", "Layout", "LoraSpec", "PRESETS", "Rule", "adapter_labels",
+    "adapter_optimizer", "apply", "count_params", "init_adapters", "join", "materialized",
+    "merge", "select_targets", "split", "summary", "trace_layouts", "unmerge",
+]

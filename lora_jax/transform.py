@@ -1,0 +1,339 @@
+"""The parameter-tree transform: init adapters, inject them into a forward pass, merge, unmerge.
+
+Adapters are a pytree of ``Adapter`` nodes keyed by the paths of the kernels they adapt (a nested
+dict mirroring ``params``). ``apply`` runs an unmodified Flax linen model with the adapters in a
+``'lora'`` variable collection and intercepts the targeted layers (``nn.Dense``,
+``nn.DenseGeneral``, ``nn.Einsum``, ``nn.Embed``, ``nn.Conv``), adding each adapter's factored
+contribution; because they live in a collection, ``nn.scan``-ed stacks slice them like
+``'params'`` (declare ``'lora'`` in the scan's ``variable_axes``). ``merge``/``unmerge`` fold
+adapters into the base and out again, which is also the materialised mode that works for any JAX
+function of the parameters. Rules live in ``rules.py``, the math in ``methods/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from lora_jax import layers, methods, rules
+from lora_jax.methods import Adapter, Ctx, is_adapter
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """What to adapt and how.
+
+    Attributes:
+      rank: default rank r (a ``rules.Rule`` may override it per pattern).
+      alpha: default alpha; the scale is alpha/r, or alpha/√r with ``rslora``.
+      targets: ordered rules (regex strings, preset names 'qv'/'attn'/'all-linear', or ``Rule``s);
+        full match against '/'-joined parameter paths, first match wins.
+      exclude: regexes of paths never adapted.
+      dropout: dropout rate on the adapter branch's input (training only).
+      method: 'lora' or 'dora' (or another method in ``lora_jax.methods``).
+      init: 'default' (PEFT's), 'gaussian' or 'pissa'.
+      rslora: use alpha/√r scaling.
+      modules_to_save: regexes of (non-adapted) parameters trained fully, as a delta on the base.
+      options: method-specific settings as (name, value) pairs.
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple = ("qv",)
+    exclude: tuple = ()
+    dropout: float = 0.0
+    method: str = "lora"
+    init: str = "default"
+    rslora: bool = False
+    modules_to_save: tuple = ()
+    options: tuple = ()
+
+    def scale(self, rank: int, alpha: float) -> float:
+        return alpha / math.sqrt(rank) if self.rslora else alpha / rank
+
+    def option(self, name: str, default: Any = None) -> Any:
+        return dict(self.options).get(name, default)
+
+
+def _unbox(params):
+    return nn.meta.unbox(params)
+
+
+def _check_rank(path: str, rank: int, layout: layers.Layout) -> None:
+    if rank <= 0:
+        raise ValueError(f"rank must be positive, got {rank} for {path!r}")
+    limit = min(layout.d_in, layout.d_out)
+    if rank > limit:
+        raise ValueError(
+            f"rank {rank} for {path!r} exceeds min(d_in, d_out) = {limit} "
+            f"(kernel {layout.kernel_shape})"
+        )
+
+
+def _layout_for(path: str, kernel, layouts: Mapping[str, layers.Layout] | None):
+    if layouts and path in layouts:
+        layout = layouts[path]
+        n_stack = kernel.ndim - len(layout.kernel_shape)
+        if n_stack < 0 or tuple(kernel.shape[n_stack:]) != layout.kernel_shape:
+            raise ValueError(
+                f"{path!r} has shape {kernel.shape} but its traced layout expects "
+                f"{layout.kernel_shape} per layer"
+            )
+        return layout.stacked(n_stack)
+    return layers.layout_of_param(path, kernel.shape)
+
+
+def init_adapters(
+    params: Mapping[str, Any],
+    spec: LoraSpec,
+    key: jax.Array,
+    *,
+    layouts: Mapping[str, layers.Layout] | None = None,
+) -> dict[str, Any]:
+    """Creates adapters for the kernels ``spec`` selects.
+
+    Args:
+      params: the base parameter tree (boxed logical-partitioning metadata is unboxed).
+      spec: the ``LoraSpec``.
+      key: PRNG key.
+      layouts: per-path kernel layouts from ``trace_layouts``; needed for kernels other than 2-D
+        Dense kernels and Embed tables (DenseGeneral, Einsum, Conv, scanned stacks).
+    Returns:
+      A nested dict mirroring ``params`` with an ``Adapter`` at each selected path. For
+      ``init='pissa'`` the base must become the residual: ``params = lj.unmerge(params, adapters)``.
+
+    Example:
+      >>> spec = lj.LoraSpec(rank=8, alpha=16.0, targets=(r".*/(query|value)/kernel",))
+      >>> adapters = lj.init_adapters(params, spec, jax.random.key(0))
+    """
+    params = _unbox(params)
+    flat = rules.flatten(params)
+    targets = rules.select_targets(params, spec.targets, rank=spec.rank, alpha=spec.alpha,
+                                   exclude=spec.exclude)
+    method = methods.get(spec.method)
+    out: dict[str, Adapter] = {}
+    keys = jax.random.split(key, max(len(targets), 1))
+    for k, t in zip(keys, targets):
+        kernel = flat[t.path]
+        layout = _layout_for(t.path, kernel, layouts)
+        _check_rank(t.path, t.rank, layout)
+        out[t.path] = method.init(k, kernel, layout, t.rank, spec.scale(t.rank, t.alpha), spec)
+    if spec.modules_to_save:
+        saved = rules.match_rules(sorted(flat), rules.as_rules(spec.modules_to_save),
+                                  what="modules_to_save pattern")
+        for path in saved:
+            if path in out:
+                raise ValueError(f"{path!r} is both an adapter target and in modules_to_save")
+            shape = tuple(flat[path].shape)
+            layout = layers.Layout("full", (), shape, shape)
+            out[path] = methods.get("full").init(None, flat[path], layout, 0, 1.0, spec)
+    return rules.unflatten(out)
+
+
+def trace_layouts(model: nn.Module, params: Mapping[str, Any], *args, **kwargs) -> dict:
+    """Kernel layouts of every adaptable layer, from an abstract trace of one forward pass.
+
+    Runs ``model.apply({'params': params}, *args, **kwargs)`` under ``jax.eval_shape`` (nothing is
+    computed) and records, for each Dense/DenseGeneral/Einsum/Embed/Conv call, which kernel axes
+    are contracted with the input. Stacked (``nn.scan``) axes are those the stored kernel has
+    beyond what the layer sees. Returns ``{path: Layout}``.
+    """
+    found: dict[str, layers.Layout] = {}
+
+    def record(next_fun, call_args, call_kwargs, context):
+        module = context.module
+        if context.method_name == "__call__" and call_args:
+            for name in ("kernel", "embedding"):
+                if module.has_variable("params", name):
+                    shape = jnp.shape(module.get_variable("params", name))
+                    layout = layers.layout_of_module(module, call_args[0], tuple(shape))
+                    if layout is not None:
+                        found["/".join(module.path + (name,))] = layout
+        return next_fun(*call_args, **call_kwargs)
+
+    params = _unbox(params)
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda p: model.apply({"params": p}, *args, **kwargs), params)
+    flat = rules.flatten(params)
+    return {path: _layout_for(path, flat[path], found) for path in found if path in flat}
+
+
+# ----------------------------------------------------------------------------- the forward pass
+
+_CTX: contextvars.ContextVar[Ctx] = contextvars.ContextVar("lora_jax_ctx", default=Ctx())
+
+
+@contextlib.contextmanager
+def _context(ctx: Ctx):
+    token = _CTX.set(ctx)
+    try:
+        yield
+    finally:
+        _CTX.reset(token)
+
+
+def _kernel_name(module: nn.Module) -> str | None:
+    for name in ("kernel", "embedding"):
+        if module.has_variable("params", name):
+            return name
+    return None
+
+
+def _dropout(module: nn.Module, x, rate: float):
+    keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def _check_shape(module: nn.Module, kernel, adapter: Adapter) -> None:
+    if tuple(kernel.shape) != adapter.layout.kernel_shape:
+        raise ValueError(
+            f"adapter for {'/'.join(module.path)!r} was made for a kernel of shape "
+            f"{adapter.layout.kernel_shape}, but the layer's kernel has shape {kernel.shape}"
+        )
+
+
+def _intercept(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name != "__call__" or not args:
+        return next_fun(*args, **kwargs)
+    name = _kernel_name(module)
+    if name is None or not module.has_variable("lora", name):
+        return next_fun(*args, **kwargs)
+    adapter = module.get_variable("lora", name)
+    kernel = module.get_variable("params", name)
+    _check_shape(module, kernel, adapter)
+    ctx = _CTX.get()
+    y = next_fun(*args, **kwargs)
+    x = args[0]
+    if ctx.train and adapter.dropout > 0 and adapter.layout.kind != "embed":
+        x = _dropout(module, x, adapter.dropout)
+    bias = module.get_variable("params", "bias") if module.has_variable("params", "bias") else None
+    return methods.get(adapter.method).output(y, x, adapter, kernel, bias, module, ctx)
+
+
+def _partition_full(adapters):
+    """(low-rank adapters, 'full' adapters) — the latter are added to the parameters."""
+    flat = rules.flatten(adapters)
+    low = {p: a for p, a in flat.items() if a.method != "full"}
+    full = {p: a for p, a in flat.items() if a.method == "full"}
+    return rules.unflatten(low), rules.unflatten(full)
+
+
+def apply(
+    model: nn.Module,
+    params: Mapping[str, Any],
+    adapters: Mapping[str, Any],
+    *args,
+    train: bool = False,
+    task_ids: jax.Array | None = None,
+    rngs: Any = None,
+    **kwargs,
+):
+    """Runs ``model.apply`` with the adapters injected, in factored form.
+
+    Args:
+      model: an unmodified Flax linen module.
+      params: the base parameters.
+      adapters: from ``init_adapters`` (after ``join`` if they were split).
+      *args, **kwargs: passed to ``model.apply`` (e.g. tokens, ``deterministic=``, ``method=``).
+      train: enables adapter dropout (needs a 'dropout' rng in ``rngs``).
+      task_ids: int array (batch,) for methods that route per example (MTL-LoRA).
+      rngs: Flax rngs for ``model.apply``.
+    Returns:
+      Whatever ``model.apply`` returns.
+    """
+    low, full = _partition_full(adapters)
+    params = merge(_unbox(params), full) if full else _unbox(params)
+    with _context(Ctx(train=train, task_ids=task_ids)), nn.intercept_methods(_intercept):
+        return model.apply({"params": params, "lora": low}, *args, rngs=rngs, **kwargs)
+
+
+# ----------------------------------------------------------------------------- merge and friends
+
+
+def _fold(params, adapters, fold: str):
+    flat = rules.flatten(_unbox(params))
+    for path, adapter in rules.flatten(adapters).items():
+        if path not in flat:
+            raise ValueError(f"adapter for {path!r} has no parameter at that path")
+        kernel = flat[path]
+        n = adapter.layout.n_stack
+        if tuple(kernel.shape[n:]) != adapter.layout.kernel_shape:
+            raise ValueError(
+                f"adapter for {path!r} expects a kernel of shape {adapter.layout.kernel_shape} "
+                f"(per layer), got {kernel.shape}"
+            )
+        flat[path] = getattr(methods.get(adapter.method), fold)(kernel, adapter)
+    return rules.unflatten(flat)
+
+
+def merge(params: Mapping[str, Any], adapters: Mapping[str, Any]) -> dict[str, Any]:
+    """Folds every adapter into its kernel: ``W + s·A B`` for LoRA, ``m ⊙ V/‖V‖`` for DoRA.
+
+    Computed in float32 and cast back to each kernel's dtype; a bf16 base keeps bf16 and pays
+    bf16's rounding (relative error up to 2⁻⁹ per entry) once.
+    """
+    return _fold(params, adapters, "merge")
+
+
+def unmerge(params: Mapping[str, Any], adapters: Mapping[str, Any]) -> dict[str, Any]:
+    """Inverse of ``merge`` (to float32 rounding)."""
+    return _fold(params, adapters, "unmerge")
+
+
+def materialized(fn: Callable) -> Callable:
+    """``fn(params, *a, **k)`` -> ``g(params, adapters, *a, **k) = fn(merge(params, adapters), ...)``.
+
+    The materialised mode: works for any JAX function of a parameter tree, and is the reference
+    the factored path is tested against.
+    """
+
+    def wrapped(params, adapters, *args, **kwargs):
+        return fn(merge(params, adapters), *args, **kwargs)
+
+    return wrapped
+
+
+def split(adapters) -> tuple[Any, Any]:
+    """(trainable, state): the same tree twice, with ``state`` resp. ``params`` emptied."""
+    trainable = jax.tree.map(lambda a: dataclasses.replace(a, state={}), adapters,
+                             is_leaf=is_adapter)
+    state = jax.tree.map(lambda a: dataclasses.replace(a, params={}), adapters, is_leaf=is_adapter)
+    return trainable, state
+
+
+def join(trainable, state):
+    """Inverse of ``split``."""
+    return jax.tree.map(lambda t, s: dataclasses.replace(t, state=s.state), trainable, state,
+                        is_leaf=is_adapter)
+
+
+def count_params(tree) -> int:
+    """Number of scalars in the array leaves of ``tree`` (quantised leaves count as stored)."""
+    return sum(math.prod(jnp.shape(x)) for x in jax.tree.leaves(tree))
+
+
+def summary(params: Mapping[str, Any], adapters: Mapping[str, Any]) -> str:
+    """A table of the adapted paths and the trainable share (PEFT's definition: trainable
+    adapter parameters over base + adapter parameters)."""
+    rows = [("path", "method", "rank", "kernel", "trainable")]
+    for path, a in sorted(rules.flatten(adapters).items()):
+        rows.append((path, a.method, str(a.rank or "-"),
+                     "x".join(map(str, a.layout.kernel_shape)), f"{count_params(a.params):,}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    trainable, _ = split(adapters)
+    n_train, n_base = count_params(trainable), count_params(_unbox(params))
+    lines.append(
+        f"trainable params: {n_train:,} || all params: {n_base + n_train:,} || "
+        f"trainable%: {100 * n_train / max(n_base + n_train, 1):.4f}"
+    )
+    return "\n".join(lines)
+
