@@ -4,7 +4,8 @@ A kernel here has `n_stack` leading stacked (layer) axes, then input axes, then 
 are shared along the FIRST input axis (axis `n_stack`), either by the whole axis (per output
 channel, the default) or by blocks of `block_size` along it; with `n_in` > 1 the further input axes
 share their block's scale too. Every other axis keeps its size, so every field of an `Int8Array`
-can be sharded like the kernel and sliced on its leading stacked axis (what `nn.scan` does). Codes are `round(w / scale)` clipped to [-127, 127], `scale = absmax / 127`,
+can be sharded like the kernel and sliced on its leading stacked axis (what `nn.scan` does).
+Codes are `round(w / scale)` clipped to [-127, 127], `scale = absmax / 127`,
 so a round trip is off by at most `scale / 2` per element. This module holds no model code and no
 NF4 code; `lora_jax.quant.nf4` reuses the block helpers defined here.
 """
