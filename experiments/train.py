@@ -1,0 +1,29 @@
+"""Launches one experiment: the only module (with its siblings) that defines flags.
+
+    python -m experiments.train --config=configs/lora.py --workdir=runs/lora
+    python -m experiments.train --config=configs/lora.py:rank=4,targets=qv --workdir=runs/r4 \
+        --config.optim.lr=1e-3
+
+Rerunning the same command resumes from the workdir's newest checkpoint.
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from lora_jax.train import Experiment, from_dict, train_and_evaluate
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and exports.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cfg = from_dict(Experiment, _CONFIG.value.to_dict())
+    train_and_evaluate(cfg, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

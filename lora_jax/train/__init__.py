@@ -1,0 +1,17 @@
+"""Training: ``train_and_evaluate(config, workdir)`` and the experiment dataclasses."""
+
+from lora_jax.train.config import (
+    AdapterConfig,
+    BaseConfig,
+    DataConfig,
+    Experiment,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+    from_dict,
+    to_dict,
+)
+from lora_jax.train.trainer import train_and_evaluate
+
+__all__ = ["AdapterConfig", "BaseConfig", "DataConfig", "Experiment", "ModelConfig",
+           "OptimConfig", "TrainConfig", "from_dict", "to_dict", "train_and_evaluate"]

@@ -1,0 +1,144 @@
+"""The experiment configuration as frozen dataclasses: the one place that defines fields and defaults.
+
+``configs/common.py`` turns ``Experiment()`` into an ml_collections ConfigDict (so launches can
+override fields with ``--config.optim.lr=...``); ``from_dict`` turns the final ConfigDict back into
+these dataclasses at the edge. Library code only ever sees the dataclasses. Unknown fields are
+errors that name the field and the known ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from typing import Any, Mapping
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Which model: a family and preset from ``lora_jax.models``, or a Hugging Face checkpoint."""
+
+    family: str = "gpt2"  # 'gpt2' | 'llama'
+    preset: str = "tiny"
+    overrides: str = ""  # 'd_model=256,n_layer=6': preset fields to change
+    scan_layers: bool = False
+    remat: bool = False
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    hf_path: str = ""  # a Hugging Face checkpoint directory (config.json + model.safetensors)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Training and evaluation data: the built-in task suite, or local text / JSONL files."""
+
+    kind: str = "tasks"  # 'tasks' | 'jsonl' | 'text'
+    tasks: tuple[str, ...] = ("digits_reverse", "digits_rotate")
+    n_train_per_task: int = 4000
+    n_eval_per_task: int = 256
+    seq_len: int = 32
+    tokenizer: str = "byte"  # 'byte' or a path to tokenizer.json
+    train_path: str = ""
+    eval_path: str = ""
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseConfig:
+    """Where the base parameters come from before adaptation.
+
+    ``'pretrain'`` trains the model fully on ``pretrain_tasks`` once and caches the result under
+    ``cache_dir`` keyed by everything that defines it; later runs reuse it. ``'init'`` uses a
+    random initialisation; ``'hf'`` loads ``model.hf_path``.
+    """
+
+    source: str = "pretrain"  # 'pretrain' | 'init' | 'hf'
+    pretrain_tasks: tuple[str, ...] = ("copy", "reverse", "sort", "add", "kv_recall")
+    pretrain_steps: int = 1500
+    pretrain_lr: float = 3e-3
+    pretrain_batch_size: int = 64
+    cache_dir: str = ""  # default: $LORA_JAX_CACHE or ~/.cache/lora_jax
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterConfig:
+    """The adapter spec (see ``lora_jax.LoraSpec``); ignored by full fine-tuning."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: str = "all-linear"  # preset name or comma-separated regexes
+    exclude: str = ""
+    dropout: float = 0.0
+    init: str = "default"
+    rslora: bool = False
+    modules_to_save: str = ""
+    lora_plus_ratio: float = 0.0  # 0 disables LoRA+
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    name: str = "adamw"  # 'adamw' | 'sgd'
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    schedule: str = "cosine"  # 'cosine' | 'constant'
+    grad_clip: float = 1.0  # 0 disables clipping
+    b1: float = 0.9
+    b2: float = 0.999
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 400
+    batch_size: int = 32
+    eval_every: int = 200
+    eval_batch_size: int = 256
+    log_every: int = 50
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """One experiment: ``train_and_evaluate(Experiment, workdir)`` runs it."""
+
+    method: str = "lora"  # 'lora' | 'dora' | 'full'
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    base: BaseConfig = BaseConfig()
+    adapter: AdapterConfig = AdapterConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+
+
+def to_dict(cfg: Any) -> dict:
+    """Dataclass -> nested dict of plain values (tuples stay tuples)."""
+    return {f.name: (to_dict(v) if dataclasses.is_dataclass(v) else v)
+            for f in dataclasses.fields(cfg) for v in [getattr(cfg, f.name)]}
+
+
+def from_dict(cls: type, values: Mapping[str, Any], where: str = "config") -> Any:
+    """Nested mapping -> dataclass ``cls``; unknown keys are errors naming the known fields."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise ValueError(f"unknown field(s) {sorted(unknown)} in {where}; known: {sorted(names)}")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            value = from_dict(hint, value, f"{where}.{name}")
+        elif typing.get_origin(hint) is tuple:
+            value = tuple(value.split(",")) if isinstance(value, str) else tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short stable hash of dataclasses / plain values, for cache keys."""
+    blob = json.dumps([to_dict(p) if dataclasses.is_dataclass(p) else p for p in parts],
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
