@@ -1,0 +1,227 @@
+"""GPT-2 as a Flax linen module, laid out for LoRA interception and logical sharding.
+
+Every projection is a stock `nn.Dense` / `nn.DenseGeneral` / `nn.Embed` (so `nn.intercept_methods`
+can add adapters read from a `'lora'` collection that mirrors `'params'`), and every kernel,
+embedding and norm parameter carries logical axis names. The module and parameter names are a
+contract with the LoRA target presets and the Hugging Face loader (`lora_jax.models.hf`):
+`wte`, `wpe`, `h_{i}` (or a scanned `h`) / `ln_1`, `attn/c_attn`, `attn/c_proj`, `ln_2`,
+`mlp/c_fc`, `mlp/c_proj`, and `ln_f`; the LM head is tied to `wte`. Checkpoint loading,
+adapters and training live elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+Dtype = Any
+_INIT_STD = 0.02
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+    """Hyperparameters of a GPT-2 model; `head_dim = d_model // n_head`, MLP width `4 * d_model`."""
+
+    vocab_size: int = 512
+    n_positions: int = 128
+    d_model: int = 128
+    n_layers: int = 4
+    n_head: int = 4
+    layer_norm_eps: float = 1e-5
+    dropout_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    scan_layers: bool = False
+    remat: bool = False
+
+    def __post_init__(self):
+        if self.d_model % self.n_head:
+            raise ValueError(
+                f"GPT2Config: d_model={self.d_model} is not divisible by n_head={self.n_head}; "
+                "pick n_head that divides d_model."
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+
+_PRESETS = {
+    "tiny": dict(vocab_size=512, n_positions=128, d_model=128, n_layers=4, n_head=4),
+    "small": dict(vocab_size=50257, n_positions=1024, d_model=768, n_layers=12, n_head=12),
+    "medium": dict(vocab_size=50257, n_positions=1024, d_model=1024, n_layers=24, n_head=16),
+    "large": dict(vocab_size=50257, n_positions=1024, d_model=1280, n_layers=36, n_head=20),
+    "xl": dict(vocab_size=50257, n_positions=1024, d_model=1600, n_layers=48, n_head=25),
+}
+
+
+def gpt2_config(preset: str = "tiny", **overrides) -> GPT2Config:
+    """Returns the named GPT-2 preset ('tiny', 'small', 'medium', 'large', 'xl') with overrides.
+
+    Example: `gpt2_config('small', scan_layers=True, dtype=jnp.bfloat16)`.
+    """
+    if preset not in _PRESETS:
+        raise ValueError(f"Unknown GPT-2 preset {preset!r}; valid presets: {sorted(_PRESETS)}.")
+    fields = {f.name for f in dataclasses.fields(GPT2Config)}
+    bad = sorted(set(overrides) - fields)
+    if bad:
+        raise ValueError(f"Unknown GPT2Config field(s) {bad}; valid fields: {sorted(fields)}.")
+    return GPT2Config(**{**_PRESETS[preset], **overrides})
+
+
+def _dense_init(*names):
+    return nn.with_logical_partitioning(nn.initializers.normal(_INIT_STD), names)
+
+
+def _zeros(*names):
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+def _layer_norm(cfg: GPT2Config, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=cfg.layer_norm_eps,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+        bias_init=_zeros("embed"),
+        name=name,
+    )
+
+
+def causal_mask(seq_len: int):
+    """Boolean mask (1, 1, seq, seq), True where query position i may attend key position j <= i."""
+    return jnp.tril(jnp.ones((seq_len, seq_len), dtype=bool))[None, None]
+
+
+class GPT2Attention(nn.Module):
+    """Causal multi-head self-attention: (batch, seq, d_model) -> (batch, seq, d_model)."""
+
+    cfg: GPT2Config
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        qkv = nn.DenseGeneral(
+            features=(3, cfg.n_head, cfg.head_dim),
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            kernel_init=_dense_init("embed", None, "heads", "kv"),
+            bias_init=_zeros(None, "heads", "kv"),
+            name="c_attn",
+        )(x)  # (batch, seq, 3, heads, head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        use_dropout = not self.deterministic and cfg.dropout_rate > 0.0
+        out = nn.dot_product_attention(
+            q, k, v,
+            mask=causal_mask(x.shape[1]),
+            dropout_rng=self.make_rng("dropout") if use_dropout else None,
+            dropout_rate=cfg.dropout_rate,
+            deterministic=not use_dropout,
+            dtype=cfg.dtype,
+            force_fp32_for_softmax=True,
+        )  # (batch, seq, heads, head_dim)
+        return nn.DenseGeneral(
+            features=cfg.d_model,
+            axis=(-2, -1),
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            kernel_init=_dense_init("heads", "kv", "embed"),
+            bias_init=_zeros("embed"),
+            name="c_proj",
+        )(out)
+
+
+class GPT2MLP(nn.Module):
+    """Position-wise MLP d_model -> 4*d_model -> d_model with tanh-approximated GELU."""
+
+    cfg: GPT2Config
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        def dense(features, names, name):
+            return nn.Dense(
+                features,
+                dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype,
+                kernel_init=_dense_init(*names),
+                bias_init=_zeros(names[1]),
+                name=name,
+            )
+
+        h = dense(4 * cfg.d_model, ("embed", "mlp"), "c_fc")(x)
+        h = nn.gelu(h, approximate=True)
+        return dense(cfg.d_model, ("mlp", "embed"), "c_proj")(h)
+
+
+class GPT2Block(nn.Module):
+    """Pre-LN transformer block. Returns `(x, None)` so the same block works under `nn.scan`."""
+
+    cfg: GPT2Config
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, _=None):
+        cfg = self.cfg
+        drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
+        h = GPT2Attention(cfg, self.deterministic, name="attn")(_layer_norm(cfg, "ln_1")(x))
+        x = x + drop(h)
+        h = GPT2MLP(cfg, name="mlp")(_layer_norm(cfg, "ln_2")(x))
+        return x + drop(h), None
+
+
+def build_layer_stack(block_cls, cfg, *, deterministic: bool, prefix: str):
+    """Returns a callable x -> x applying `cfg.n_layers` blocks, scanned or as `{prefix}_{i}`.
+
+    Shared by GPT-2 and Llama; must be called inside a compact `__call__`. With `cfg.scan_layers`
+    the params of all layers are stacked on axis 0 of one submodule named `prefix`.
+    """
+    block = nn.remat(block_cls, prevent_cse=not cfg.scan_layers) if cfg.remat else block_cls
+    if cfg.scan_layers:
+        stack = nn.scan(
+            block,
+            variable_axes={"params": 0, "lora": 0},
+            split_rngs={"params": True, "dropout": True},
+            metadata_params={nn.PARTITION_NAME: "layers"},
+            length=cfg.n_layers,
+        )(cfg, deterministic, name=prefix)
+        return lambda x: stack(x, None)[0]
+    blocks = [block(cfg, deterministic, name=f"{prefix}_{i}") for i in range(cfg.n_layers)]
+
+    def apply(x):
+        for b in blocks:
+            x = b(x)[0]
+        return x
+
+    return apply
+
+
+class GPT2(nn.Module):
+    """GPT-2 language model: int32 tokens (batch, seq) -> float32 logits (batch, seq, vocab)."""
+
+    cfg: GPT2Config
+
+    @nn.compact
+    def __call__(self, tokens, *, deterministic: bool = True):
+        cfg = self.cfg
+        seq = tokens.shape[-1]
+        if seq > cfg.n_positions:
+            raise ValueError(
+                f"GPT2: sequence length {seq} exceeds n_positions={cfg.n_positions}; "
+                "truncate the input or raise n_positions in the config."
+            )
+        embed = lambda n, init, name: nn.Embed(
+            n, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+            embedding_init=init, name=name)
+        wte = embed(cfg.vocab_size, _dense_init("vocab", "embed"), "wte")
+        wpe = embed(cfg.n_positions, nn.with_logical_partitioning(
+            nn.initializers.normal(0.01), (None, "embed")), "wpe")
+        x = wte(tokens) + wpe(jnp.arange(seq))[None]
+        x = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(x)
+        x = build_layer_stack(GPT2Block, cfg, deterministic=deterministic, prefix="h")(x)
+        x = _layer_norm(cfg, "ln_f")(x)
+        return wte.attend(x).astype(jnp.float32)
