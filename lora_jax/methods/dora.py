@@ -44,8 +44,9 @@ def init(key, kernel, layout, rank, scale, spec) -> Adapter:
     a, b = lora.init_factors(key, kernel, layout, rank, scale, spec.init)
     w = layers.to_canonical(layout, kernel.astype(jnp.float32))
     norm = _column_norm(w, layout, layout.n_stack)
-    return Adapter({"a": a, "b": b, "m": norm}, {"base_norm": norm}, "dora", scale, layout,
-                   spec.dropout)
+    # Two buffers: the trainer donates trainable arrays, which must not alias frozen state.
+    return Adapter({"a": a, "b": b, "m": norm}, {"base_norm": jnp.copy(norm)}, "dora", scale,
+                   layout, spec.dropout)
 
 
 def _weight_norm(kernel, adapter, n_stack):

@@ -53,6 +53,8 @@ class Checkpoints:
         )
 
     def save(self, step: int, tree) -> None:
+        if step in self.manager.all_steps():
+            return
         leaves = {f"{i:06d}": x for i, x in enumerate(jax.tree.leaves(tree))}
         self.manager.save(step, args=ocp.args.StandardSave(leaves), force=True)
 
