@@ -100,6 +100,45 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh and multi-host runtime (see lora_jax.sharding, docs/scaling.md)."""
+
+    preset: str = "dp"  # 'dp' | 'fsdp' | 'fsdp_tp'
+    data: int = -1  # axis sizes; -1 = infer from the device count
+    fsdp: int = 1
+    tensor: int = 1
+    coordinator_address: str = ""  # multi-host: 'host:port'; empty = single process
+    num_processes: int = 0
+    process_id: int = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """QLoRA: quantised frozen base kernels (see lora_jax.quant)."""
+
+    kind: str = ""  # '' (none) | 'nf4' | 'int8'
+    targets: str = "all-linear"
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsityConfig:
+    """LoSA / pruning of the base (see lora_jax.sparsity)."""
+
+    target: float = 0.0  # final sparsity S; 0 disables pruning
+    pruner: str = "wanda"  # 'magnitude' | 'wanda' | 'sparsegpt'
+    iterations: int = 5  # LoSA's T
+
+
+@dataclasses.dataclass(frozen=True)
+class MtlConfig:
+    """MTL-LoRA options (see lora_jax.methods.mtl)."""
+
+    num_up: int = 3
+    temperature: float = 0.1
+    diagonal: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class Experiment:
     """One experiment: ``train_and_evaluate(Experiment, workdir)`` runs it."""
 
@@ -111,6 +150,10 @@ class Experiment:
     adapter: AdapterConfig = AdapterConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
+    mesh: MeshConfig = MeshConfig()
+    quant: QuantConfig = QuantConfig()
+    sparsity: SparsityConfig = SparsityConfig()
+    mtl: MtlConfig = MtlConfig()
 
 
 def to_dict(cfg: Any) -> dict:
