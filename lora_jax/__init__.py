@@ -11,6 +11,7 @@
 Importing this package has no side effects.
 """
 
+from lora_jax import nnx
 from lora_jax.layers import Layout
 from lora_jax.methods import Adapter, Ctx
 from lora_jax.optim import adapter_labels, adapter_optimizer
@@ -32,5 +33,5 @@ from lora_jax.transform import (
 __all__ = [
     "Adapter", "Ctx", "Layout", "LoraSpec", "PRESETS", "Rule", "adapter_labels",
     "adapter_optimizer", "apply", "count_params", "init_adapters", "join", "materialized",
-    "merge", "select_targets", "split", "summary", "trace_layouts", "unmerge",
+    "merge", "nnx", "select_targets", "split", "summary", "trace_layouts", "unmerge",
 ]
