@@ -49,3 +49,30 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> ml_co
         node[leaf] = type(node[leaf])(value) if isinstance(node[leaf], (int, float)) and \
             not isinstance(node[leaf], bool) else value
     return config
+
+
+SWEEP_SIZES = ("small", "full")
+SMALL_STEPS = 150  # a 'small' run: sized for a busy 2-core CPU (docs/ablations.md)
+
+
+def split_size(arg: str, default: str = "full") -> tuple[str, str]:
+    """``'small,rank=4'`` -> ``('small', 'rank=4')``: an optional leading sweep size, then the rest.
+
+    The size (one of ``SWEEP_SIZES``) picks a sweep's grid in ``get_sweep`` and the run length that
+    goes with it in ``get_config``, so ``--config=configs/lora.py:small`` means the same to both.
+    """
+    head, _, rest = (arg or "").partition(",")
+    if head.strip() in SWEEP_SIZES:
+        return head.strip(), rest
+    return default, arg or ""
+
+
+def apply_size(config: ml_collections.ConfigDict, size: str) -> ml_collections.ConfigDict:
+    """Denser evals for 'small' runs, so their short eval-loss curves have points to show.
+
+    (Not denser logging: ``train.log_every`` is part of the cached base model's key, so changing it
+    would pretrain a second base.)
+    """
+    if size == "small":
+        config.train.eval_every = 25
+    return config

@@ -3,7 +3,7 @@
     python -m experiments.train --config=configs/dora.py --workdir=runs/dora
 """
 
-from configs import lora
+from configs import common, lora
 
 
 def get_config(arg: str = ""):
@@ -13,5 +13,6 @@ def get_config(arg: str = ""):
 
 
 def get_sweep(arg: str = ""):
-    del arg
-    return [{"adapter.rank": r} for r in (2, 8, 32)]
+    """DoRA across ranks: 'full' {2, 8, 32}; 'small' {2, 8} (``common.SMALL_STEPS`` steps each)."""
+    size, _ = common.split_size(arg)
+    return [{"adapter.rank": r} for r in ((2, 8) if size == "small" else (2, 8, 32))]

@@ -7,14 +7,16 @@ from configs import common
 
 
 def get_config(arg: str = ""):
-    a = common.parse_arg(arg, steps=400, lr=1e-3)
+    size, arg = common.split_size(arg)  # 'small': common.SMALL_STEPS steps, as in configs/lora.py
+    a = common.parse_arg(arg, steps=common.SMALL_STEPS if size == "small" else 400, lr=1e-3)
     config = common.get_config()
     config.method = "full"
     config.optim.lr = a["lr"]
     config.train.steps = a["steps"]
-    return config
+    return common.apply_size(config, size)
 
 
 def get_sweep(arg: str = ""):
-    del arg
-    return [{"optim.lr": lr} for lr in (3e-4, 1e-3, 3e-3)]
+    """Learning rate: 'full' {3e-4, 1e-3, 3e-3}; 'small' {1e-3, 3e-3}."""
+    size, _ = common.split_size(arg)
+    return [{"optim.lr": lr} for lr in ((1e-3, 3e-3) if size == "small" else (3e-4, 1e-3, 3e-3))]

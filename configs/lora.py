@@ -6,13 +6,22 @@ held-out tasks it never saw.
 
 Arg keys: rank, alpha, targets ('qv' | 'attn' | 'all-linear' | regexes joined by '+'), steps,
 rslora, init. What it reaches on this 2-core CPU: see docs/results.md (default experiment).
+
+The arg may start with a sweep size, 'small' or 'full' (the default): 'small' shortens the run to
+``common.SMALL_STEPS`` steps (evaluating every 25 for the loss curves) and ``get_sweep('small')``
+is a subset of the grid; docs/ablations.md shows what each produced.
+
+    python -m experiments.sweep --config=configs/lora.py:small --workdir=runs/rank_targets
+    python -m experiments.report runs/rank_targets
 """
 
 from configs import common
 
 
 def get_config(arg: str = ""):
-    a = common.parse_arg(arg, rank=8, alpha=16.0, targets="all-linear", steps=400, rslora=False,
+    size, arg = common.split_size(arg)
+    a = common.parse_arg(arg, rank=8, alpha=16.0, targets="all-linear",
+                         steps=common.SMALL_STEPS if size == "small" else 400, rslora=False,
                          init="default")
     config = common.get_config()
     config.method = "lora"
@@ -22,11 +31,16 @@ def get_config(arg: str = ""):
     config.adapter.rslora = a["rslora"]
     config.adapter.init = a["init"]
     config.train.steps = a["steps"]
-    return config
+    return common.apply_size(config, size)
 
 
 def get_sweep(arg: str = ""):
-    """Rank × targets; each dict is a set of dotted overrides."""
-    del arg
+    """Rank × targets; each dict is a set of dotted overrides.
+
+    'full': ranks {1, 2, 4, 8, 16, 32, 64} × targets {qv, attn, all-linear} (21 runs of 400 steps).
+    'small': ranks {1, 4, 16, 64} × the same targets (12 runs of ``common.SMALL_STEPS``).
+    """
+    size, _ = common.split_size(arg)
+    ranks = (1, 4, 16, 64) if size == "small" else (1, 2, 4, 8, 16, 32, 64)
     return [{"adapter.rank": r, "adapter.targets": t}
-            for r in (1, 2, 4, 8, 16, 32, 64) for t in ("qv", "attn", "all-linear")]
+            for t in ("qv", "attn", "all-linear") for r in ranks]

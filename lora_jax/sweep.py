@@ -1,0 +1,262 @@
+"""Ablation sweeps: every point of a config's ``get_sweep(arg)``, each trained by its own
+``python -m experiments.train`` process in a sub-workdir named from the point's overrides.
+
+    points = load_sweep("configs/lora.py:small")        # [{'adapter.rank': 1, ...}, ...]
+    plan = plan_points(points, "runs/rank")              # names checked unique before anything runs
+    result = run_sweep("configs/lora.py:small", plan, parallel=1)
+
+One path for sequential and parallel runs (a pool of subprocesses of size ``parallel``), so a crash
+of one point cannot take the sweep down. A point whose ``summary.json`` exists is skipped; an
+interrupted one resumes (the trainer restores its newest checkpoint). SIGTERM or Ctrl-C to the sweep
+is forwarded as SIGTERM to the running points, which checkpoint and stop. Each point's workdir gets
+``overrides.json`` (what the report reads its axes from) and ``train.log`` (the process output).
+Flags live in ``experiments/sweep.py``; tables and plots over the finished runs in
+``lora_jax/report.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+=-]+")
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """One sweep point: its sub-workdir ``name`` and the dotted ``overrides`` that define it."""
+
+    name: str
+    overrides: dict
+    workdir: Path
+
+
+@dataclasses.dataclass
+class SweepResult:
+    """Names of the points by outcome; ``failed`` maps a name to the reason."""
+
+    done: list = dataclasses.field(default_factory=list)
+    skipped: list = dataclasses.field(default_factory=list)
+    interrupted: list = dataclasses.field(default_factory=list)
+    failed: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and not self.interrupted
+
+
+def load_sweep(config: str) -> list[dict]:
+    """``'configs/lora.py:small'`` -> that file's ``get_sweep('small')`` (a list of dicts)."""
+    path, _, arg = config.partition(":")
+    spec = importlib.util.spec_from_file_location(f"_sweep_config_{Path(path).stem}", path)
+    if spec is None or not Path(path).is_file():
+        raise FileNotFoundError(f"config file {path!r} not found")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_sweep"):
+        raise ValueError(f"{path} defines no get_sweep(arg); add one returning a list of "
+                         "{'dotted.key': value} dicts")
+    points = module.get_sweep(arg)
+    if not points or not all(isinstance(p, dict) for p in points):
+        raise ValueError(f"{path}: get_sweep({arg!r}) must return a non-empty list of dicts, "
+                         f"got {points!r:.200}")
+    return points
+
+
+def format_value(value: Any) -> str:
+    """A value as ``--config.key=`` text: ``True``, ``0.001``, ``all-linear``, ``('a', 'b')``."""
+    if isinstance(value, (tuple, list)):
+        return repr(tuple(value))
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def short_keys(points: Sequence[dict]) -> dict[str, str]:
+    """Dotted key -> its leaf name, or the full key where two swept keys share a leaf."""
+    keys = sorted({k for p in points for k in p})
+    leaves = [k.rsplit(".", 1)[-1] for k in keys]
+    return {k: (leaf if leaves.count(leaf) == 1 else k) for k, leaf in zip(keys, leaves)}
+
+
+def point_name(overrides: dict, short: dict[str, str] | None = None) -> str:
+    """``{'adapter.rank': 4, 'adapter.targets': 'qv'}`` -> ``'rank=4_targets=qv'``.
+
+    Keys in the dict's order, shortened by ``short``; characters outside ``[A-Za-z0-9._+=-]`` become
+    ``-``; an over-long name is cut and suffixed with a hash. ``{}`` is ``'default'``.
+    """
+    short = short or {}
+    parts = [f"{short.get(k, k)}={format_value(v)}" for k, v in overrides.items()]
+    name = _UNSAFE.sub("-", "_".join(parts)) or "default"
+    if len(name) > 120:
+        digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+        name = f"{name[:100]}-{digest}"
+    return name
+
+
+def plan_points(points: Sequence[dict], workdir: str | os.PathLike) -> list[Point]:
+    """Names every point; two points that would share a sub-workdir are an error, raised here."""
+    short = short_keys(points)
+    plan, seen = [], {}
+    for i, overrides in enumerate(points):
+        name = point_name(overrides, short)
+        if name in seen:
+            j = seen[name]
+            raise ValueError(
+                f"sweep points {j} {points[j]!r} and {i} {overrides!r} would share the sub-workdir "
+                f"{name!r}; make their overrides differ in more than characters outside "
+                "[A-Za-z0-9._+=-]")
+        seen[name] = i
+        plan.append(Point(name, dict(overrides), Path(workdir) / name))
+    return plan
+
+
+def launch_command(config: str, point: Point, extra_flags: Sequence[str] = (),
+                   python: str = "python") -> list[str]:
+    """The ``experiments.train`` argv for ``point``: shared ``extra_flags``, then its overrides."""
+    flags = [f"--config.{k}={format_value(v)}" for k, v in point.overrides.items()]
+    return [python, "-m", "experiments.train", f"--config={config}",
+            f"--workdir={point.workdir}", *extra_flags, *flags]
+
+
+def format_command(argv: Sequence[str]) -> str:
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+def _write_overrides(point: Point, config: str) -> None:
+    """Creates the point's workdir with ``overrides.json``; a different record there is an error."""
+    point.workdir.mkdir(parents=True, exist_ok=True)
+    path = point.workdir / "overrides.json"
+    record = json.loads(json.dumps({"config": config, "name": point.name,
+                                    "overrides": point.overrides}))
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old.get("overrides") != record["overrides"]:
+            raise ValueError(f"{path} records overrides {old.get('overrides')!r}, not "
+                             f"{record['overrides']!r}; use a new --workdir")
+    else:
+        path.write_text(json.dumps(record, indent=1))
+
+
+def _die_with_parent() -> None:
+    """In the child: receive SIGTERM (checkpoint and stop) if the sweep process dies (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _log_tail(path: Path, n: int = 6) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join("    " + l for l in lines[-n:])
+
+
+class _StopRequest:
+    """SIGTERM / SIGINT to the sweep: stop launching and forward SIGTERM to the running points."""
+
+    def __init__(self):
+        self.requested, self.procs, self.previous = False, {}, {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no forwarding
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def run_sweep(config: str, plan: Sequence[Point], *, extra_flags: Sequence[str] = (),
+              parallel: int = 1, validate: Callable[[dict], Any] | None = None,
+              env: dict | None = None, log: Callable[[str], None] = print,
+              poll_seconds: float = 0.2) -> SweepResult:
+    """Runs the points not yet complete, at most ``parallel`` at a time; returns the outcomes.
+
+    ``validate(overrides)`` (e.g. ``apply_overrides`` on the config) runs first for every point; a
+    point it rejects is a failure and is not launched, the others still run. The run's output
+    goes to ``<point>/train.log``; a non-zero exit is a failure reported with the log's tail.
+    """
+    result, queue = SweepResult(), []
+    for point in plan:
+        if (point.workdir / "summary.json").exists():
+            log(f"[skip] {point.name}: complete ({point.workdir / 'summary.json'})")
+            result.skipped.append(point.name)
+            continue
+        try:
+            if validate is not None:
+                validate(point.overrides)
+            _write_overrides(point, config)
+        except Exception as e:  # noqa: BLE001 -- any bad point is reported, the rest still run
+            reason = f"{type(e).__name__}: {e}".replace("\n", " ")
+            log(f"[fail] {point.name}: {reason}")
+            result.failed[point.name] = reason
+            continue
+        queue.append(point)
+
+    python, by_name, began = sys.executable, {p.name: p for p in queue}, {}
+    total, started = len(queue), 0
+    with _StopRequest() as stop:
+        running = stop.procs  # name -> Popen
+        while (queue and not stop.requested) or running:
+            while queue and len(running) < max(parallel, 1) and not stop.requested:
+                point = queue.pop(0)
+                started += 1
+                argv = launch_command(config, point, extra_flags, python)
+                resume = any((point.workdir / "checkpoints").glob("[0-9]*"))
+                log(f"[{started}/{total}] {'resume' if resume else 'start'} {point.name}: "
+                    f"{format_command(argv[3:])}")
+                with (point.workdir / "train.log").open("ab") as out:
+                    running[point.name] = subprocess.Popen(
+                        argv, stdout=out, stderr=subprocess.STDOUT, env=env,
+                        start_new_session=True, preexec_fn=_die_with_parent)
+                began[point.name] = time.time()
+            for name, proc in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[name]
+                point, seconds = by_name[name], time.time() - began[name]
+                if proc.returncode == 0 and (point.workdir / "summary.json").exists():
+                    log(f"[done] {name} in {seconds:.0f} s")
+                    result.done.append(name)
+                elif proc.returncode == 0:
+                    log(f"[stopped] {name}: checkpointed; rerun the sweep to resume it")
+                    result.interrupted.append(name)
+                else:
+                    reason = (f"exit code {proc.returncode}; see {point.workdir / 'train.log'}:\n"
+                              + _log_tail(point.workdir / "train.log"))
+                    log(f"[fail] {name}: {reason}")
+                    result.failed[name] = reason
+            if running:
+                time.sleep(poll_seconds)
+        if stop.requested:
+            for point in queue:
+                result.interrupted.append(point.name)
+            if queue:
+                log(f"stopped before starting {len(queue)} point(s); rerun the sweep to run them")
+    return result
