@@ -1,0 +1,41 @@
+"""Summarises the runs under a directory: a Markdown and CSV table of final metrics, PNG plots.
+
+    python -m experiments.report runs/rank_targets
+    python -m experiments.report runs/rank_targets --out=docs/img/rank_targets --title="Rank"
+
+Writes ``report.md``, ``report.csv``, ``loss_curves.png`` and ``vs_<axis>.png`` (eval loss and mean
+accuracy against each swept axis) into ``--out`` (default: the directory itself) and prints the
+table. A missing or corrupt ``summary.json`` is named and that run left out; the rest still report.
+Exits non-zero only when no run could be read.
+"""
+
+import sys
+
+from absl import app, flags
+
+from lora_jax import report
+
+_OUT = flags.DEFINE_string("out", None, "Where the report goes (default: the runs' directory).")
+_TITLE = flags.DEFINE_string("title", None, "Report title (default: the directory's name).")
+
+
+def main(argv):
+    if len(argv) != 2:
+        raise app.UsageError("usage: python -m experiments.report DIR [--out=DIR] [--title=TEXT]")
+    root = argv[1]
+    notes = []
+
+    def warn(msg):
+        notes.append(msg)
+        print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+    runs = report.load_runs(root, warn=warn)
+    if not runs:
+        sys.exit(f"no complete run (summary.json) under {root}")
+    out = report.write_report(runs, _OUT.value or root, title=_TITLE.value or root, notes=notes)
+    print(out["markdown"])
+    print("wrote " + ", ".join(str(p) for p in out["files"]))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,137 @@
+"""Reports: the table's values from fixture runs with known numbers, valid PNG plots, axes from
+overrides.json or run.json, and missing / corrupt files named while the other runs still report."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+
+from lora_jax import report
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def make_run(workdir: Path, *, overrides=None, rank=4, loss=1.5, acc=(0.5, 0.25), run_json=None):
+    workdir.mkdir(parents=True)
+    summary = {"method": "lora", "model": "gpt2/tiny", "trainable_params": 1000 * rank,
+               "total_params": 100000, "steps": 20, "train_seconds": 2.5,
+               "final_train_loss": loss + 0.1, "final_eval_loss": loss,
+               "base_eval_loss": 3.0, "base_accuracy": {"a": 0.0, "b": 0.0, "mean": 0.0},
+               "accuracy": {"a": acc[0], "b": acc[1], "mean": sum(acc) / 2},
+               "tokens_per_sec": 12345.6}
+    (workdir / "summary.json").write_text(json.dumps(summary))
+    lines = [{"step": s, "split": "train", "loss": loss + 1.0 / s, "tokens_per_sec": 1.0}
+             for s in range(1, 21)] + [{"step": s, "split": "eval", "loss": loss + 0.5 / s,
+                                        "accuracy": {"mean": 0.1}} for s in (10, 20)]
+    (workdir / "metrics.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+    if overrides is not None:
+        (workdir / "overrides.json").write_text(json.dumps({"config": "c.py", "name": workdir.name,
+                                                            "overrides": overrides}))
+    if run_json is not None:
+        (workdir / "run.json").write_text(json.dumps(run_json))
+    (workdir / "checkpoints" / "20").mkdir(parents=True)  # not a run: never reported
+
+
+def sweep_fixture(root: Path):
+    for rank, targets, loss, acc in [(1, "qv", 2.0, (0.25, 0.0)), (4, "qv", 1.5, (0.5, 0.25)),
+                                     (1, "all", 1.8, (0.5, 0.5)), (4, "all", 1.2, (1.0, 0.5))]:
+        make_run(root / f"rank={rank}_targets={targets}", rank=rank, loss=loss, acc=acc,
+                 overrides={"adapter.rank": rank, "adapter.targets": targets})
+
+
+def assert_png(path: Path):
+    assert path.read_bytes()[:8] == PNG_SIGNATURE, path
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    assert np.ptp(image) > 0  # not blank
+
+
+def test_table_values_and_plots(tmp_path):
+    sweep_fixture(tmp_path)
+    warnings = []
+    runs = report.load_runs(tmp_path, warn=warnings.append)
+    assert warnings == []
+    out = report.write_report(runs, tmp_path / "out")
+    columns, rows = out["table"]
+    assert columns == ["run", "rank", "targets", "method", "steps", "trainable params", "eval loss",
+                       "acc (mean)", "acc a", "acc b", "base acc (mean)", "tokens/s", "train s"]
+    # Sorted by the axes in order (rank, then targets); values straight from the summaries.
+    assert [r[0] for r in rows] == ["rank=1_targets=all", "rank=1_targets=qv",
+                                    "rank=4_targets=all", "rank=4_targets=qv"]
+    assert rows[2] == ["rank=4_targets=all", 4, "all", "lora", 20, 4000, 1.2, 0.75, 1.0, 0.5,
+                       0.0, 12345.6, 2.5]
+    md = out["markdown"].splitlines()
+    assert md[0] == ("| run | rank | targets | method | steps | trainable params | eval loss | "
+                     "acc (mean) | acc a | acc b | base acc (mean) | tokens/s | train s |")
+    assert md[4] == ("| rank=4_targets=all | 4 | all | lora | 20 | 4,000 | 1.2000 | 0.750 | "
+                     "1.000 | 0.500 | 0.000 | 12,346 | 2.5 |")
+    with (tmp_path / "out" / "report.csv").open() as f:
+        csv_rows = list(csv.reader(f))
+    assert csv_rows[0] == columns and csv_rows[3][6] == "1.2" and csv_rows[1][2] == "all"
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["loss_curves.png", "report.csv", "report.md", "vs_rank.png",
+                     "vs_targets.png"]
+    for name in ("loss_curves.png", "vs_rank.png", "vs_targets.png"):
+        assert_png(tmp_path / "out" / name)
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "![vs_rank](vs_rank.png)" in text and md[4] in text
+
+
+def test_curves_are_read_from_metrics(tmp_path):
+    sweep_fixture(tmp_path)
+    run = {r.name: r for r in report.load_runs(tmp_path)}["rank=4_targets=qv"]
+    assert len(run.curves["train"]) == 20 and run.curves["train"][0] == (1, 2.5)
+    assert run.curves["eval"] == [(10, 1.55), (20, 1.525)]
+
+
+def test_bad_files_are_named_and_the_rest_still_report(tmp_path):
+    sweep_fixture(tmp_path)
+    (tmp_path / "rank=1_targets=qv" / "summary.json").write_text('{"method": "lo')
+    (tmp_path / "rank=4_targets=qv" / "summary.json").write_text('{"method": "lora"}')
+    (tmp_path / "rank=1_targets=all" / "summary.json").unlink()
+    with (tmp_path / "rank=4_targets=all" / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 21, "spl\n')
+    warnings = []
+    runs = report.load_runs(tmp_path, warn=warnings.append)
+    assert [r.name for r in runs] == ["rank=4_targets=all"]
+    assert len(runs[0].curves["train"]) == 20
+    joined = "\n".join(warnings)
+    assert f"{tmp_path / 'rank=1_targets=qv' / 'summary.json'}: unreadable or not valid JSON" in joined
+    assert (f"{tmp_path / 'rank=4_targets=qv' / 'summary.json'}: lacks trainable_params, steps"
+            in joined)
+    assert (f"{tmp_path / 'rank=1_targets=all' / 'summary.json'}: missing (the run is unfinished "
+            "or failed)") in joined
+    assert f"{tmp_path / 'rank=4_targets=all' / 'metrics.jsonl'}:23: not a metrics record" in joined
+    out = report.write_report(runs, tmp_path / "out", notes=warnings)
+    assert len(out["table"][1]) == 1
+    assert "Left out or partly read" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_axes_from_run_json_when_there_is_no_overrides_json(tmp_path):
+    base = {"method": "lora", "adapter": {"rank": 2, "alpha": 16.0}, "seed": 0}
+    make_run(tmp_path / "a", rank=2, run_json=base)
+    make_run(tmp_path / "b", rank=8, run_json={**base, "adapter": {"rank": 8, "alpha": 16.0}})
+    runs = report.load_runs(tmp_path)
+    assert [r.overrides for r in runs] == [{"adapter.rank": 2}, {"adapter.rank": 8}]
+
+
+def test_cli_prints_the_table_and_reports_bad_runs(tmp_path):
+    sweep_fixture(tmp_path / "runs")
+    (tmp_path / "runs" / "rank=1_targets=qv" / "summary.json").write_text("not json")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    proc = subprocess.run([sys.executable, "-m", "experiments.report", str(tmp_path / "runs"),
+                           f"--out={tmp_path / 'out'}"], cwd=ROOT, env=env, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "| rank=4_targets=all | 4 | all | lora | 20 | 4,000 | 1.2000 |" in proc.stdout
+    assert "rank=1_targets=qv/summary.json: unreadable or not valid JSON" in proc.stderr
+    assert_png(tmp_path / "out" / "vs_rank.png")
+    empty = subprocess.run([sys.executable, "-m", "experiments.report", str(tmp_path / "none")],
+                           cwd=ROOT, env=env, capture_output=True, text=True)
+    assert empty.returncode != 0 and "no complete run (summary.json) under" in empty.stderr
