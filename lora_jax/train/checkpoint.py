@@ -64,7 +64,9 @@ class Checkpoints:
         An unreadable newest checkpoint is reported and the next older one is tried.
         """
         leaves, treedef = jax.tree.flatten(like)
-        abstract = {f"{i:06d}": jax.ShapeDtypeStruct(x.shape, x.dtype) for i, x in enumerate(leaves)}
+        abstract = {f"{i:06d}": jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                      sharding=getattr(x, "sharding", None))
+                    for i, x in enumerate(leaves)}  # restored with the live run's shardings
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 got = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))

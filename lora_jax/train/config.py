@@ -103,13 +103,16 @@ class TrainConfig:
 class MeshConfig:
     """Device mesh and multi-host runtime (see lora_jax.sharding, docs/scaling.md)."""
 
-    preset: str = "dp"  # 'dp' | 'fsdp' | 'fsdp_tp'
-    data: int = -1  # axis sizes; -1 = infer from the device count
-    fsdp: int = 1
-    tensor: int = 1
-    coordinator_address: str = ""  # multi-host: 'host:port'; empty = single process
-    num_processes: int = 0
-    process_id: int = -1
+    preset: str = "dp"  # 'dp' | 'fsdp' | 'fsdp_tp': axis sizes and logical rules
+    data: int = 0  # axis sizes: 0 = the preset's, -1 = infer from the device count
+    fsdp: int = 0
+    tensor: int = 0
+    rules: str = ""  # overrides of the preset's logical rules: 'mlp=tensor,vocab=none'
+    num_devices: int = 0  # 0 = every device; N = the first N (e.g. a 1-device reference run)
+    coordinator_address: str = ""  # multi-host: 'host:port'; 'auto' = JAX's cluster detection
+    num_processes: int = 0  # 0 = from the environment / auto-detection
+    process_id: int = -1  # -1 = from the environment / auto-detection
+    init_timeout_s: int = 300  # how long to wait for the coordinator and the other processes
 
 
 @dataclasses.dataclass(frozen=True)

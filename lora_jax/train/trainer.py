@@ -26,7 +26,7 @@ import optax
 
 import lora_jax as lj
 from lora_jax import data as D
-from lora_jax import io, models
+from lora_jax import distributed, io, models, sharding
 from lora_jax.train import checkpoint
 from lora_jax.train.config import Experiment, ModelConfig, fingerprint, to_dict
 from lora_jax.train.metrics import MetricsWriter, Progress, format_duration
@@ -211,27 +211,49 @@ def token_loss(logits, batch):
     return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0), jnp.sum(mask)
 
 
-def make_steps(setup: Setup):
-    """The jitted train and eval steps. Trainable params and optimizer state are donated."""
+def make_steps(setup: Setup, sh: sharding.TrainShardings | None = None):
+    """The jitted train and eval steps. Trainable params and optimizer state are donated.
+
+    With shardings ``sh`` (``lora_jax.sharding.train_shardings``) both steps are jitted with
+    explicit in/out shardings (the train step's outputs are sharded exactly as its inputs), the
+    train step takes a global batch (``sharding.shard_batch``) and the eval step host arrays.
+    """
 
     def loss_fn(trainable, frozen, batch, rng):
         logits = setup.forward(trainable, frozen, batch["inputs"], batch["task_ids"], rng, True)
         return token_loss(logits, batch)[0]
 
-    @jax.jit
     def train_step(trainable, opt_state, frozen, batch, rng):
         loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, batch, rng)
         updates, opt_state = setup.tx.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, loss
 
-    @jax.jit
     def eval_step(trainable, frozen, batch):
         logits = setup.forward(trainable, frozen, batch["inputs"], batch["task_ids"], None, False)
         loss, n = token_loss(logits, batch)
         return loss * n, n, jnp.argmax(logits, -1)
 
-    train_step = jax.jit(train_step, donate_argnums=(0, 1))
-    return train_step, eval_step
+    if sh is None:
+        return jax.jit(train_step, donate_argnums=(0, 1)), jax.jit(eval_step)
+    train_step = jax.jit(
+        train_step, donate_argnums=(0, 1),
+        in_shardings=(sh.trainable, sh.opt_state, sh.frozen, sh.batch, sh.replicated),
+        out_shardings=(sh.trainable, sh.opt_state, sh.replicated))
+    eval_jit = jax.jit(eval_step, in_shardings=(sh.trainable, sh.frozen, sh.batch),
+                       out_shardings=sh.replicated)
+    return train_step, lambda t, f, batch: eval_jit(t, f, sharding.replicate_batch(batch, sh.mesh))
+
+
+def shard_setup(cfg: Experiment, model, example, setup: Setup) -> sharding.TrainShardings:
+    """The mesh of ``cfg.mesh`` and the shardings of the step's arguments (lora_jax.sharding)."""
+    mesh = sharding.make_mesh(cfg.mesh)
+    sharding.check_batch(cfg.train.batch_size, mesh)
+    sharding.check_batch(cfg.train.eval_batch_size, mesh, "train.eval_batch_size")
+    specs = sharding.param_logical_specs(model, example)
+    log(f"mesh {dict(mesh.shape)} (preset {cfg.mesh.preset!r}) over {jax.process_count()} "
+        f"process(es)")
+    return sharding.train_shardings(mesh, sharding.logical_rules(cfg.mesh), specs,
+                                    setup.trainable, setup.frozen, setup.tx)
 
 
 def evaluate(eval_step, trainable, frozen, arrays, batch_size: int, tasks) -> dict:
@@ -297,6 +319,7 @@ def train_and_evaluate(cfg: Experiment, workdir: str | os.PathLike) -> dict:
     (``adapter/`` or ``params.msgpack``) and ``summary.json``. If SIGTERM arrives, the current
     state is checkpointed and the function returns ``{'interrupted': True}`` without a summary.
     """
+    distributed.initialize(cfg.mesh)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     checkpoint.check_identity(workdir, _identity(cfg))
@@ -306,30 +329,33 @@ def train_and_evaluate(cfg: Experiment, workdir: str | os.PathLike) -> dict:
     example = jnp.zeros((1, cfg.data.seq_len), jnp.int32)
     params = base_params(cfg, model, hf_params, example)
     setup = setup_method(cfg, model, params, example)
-    train_step, eval_step = make_steps(setup)
-    loader = D.ArrayLoader(train_arrays, cfg.train.batch_size, seed=cfg.seed)
+    sh = shard_setup(cfg, model, example, setup)
+    train_step, eval_step = make_steps(setup, sh)
+    loader = D.ArrayLoader(train_arrays, cfg.train.batch_size, seed=cfg.seed,
+                           process_index=jax.process_index(), process_count=jax.process_count())
 
     ckpts = checkpoint.Checkpoints(workdir / "checkpoints", cfg.train.keep_checkpoints)
-    opt_state = setup.tx.init(setup.trainable)
-    start, (trainable, opt_state) = ckpts.restore_latest((setup.trainable, opt_state))
-    frozen = setup.frozen
+    trainable, frozen = sharding.put((setup.trainable, setup.frozen), (sh.trainable, sh.frozen))
+    opt_state = jax.jit(setup.tx.init, out_shardings=sh.opt_state)(trainable)
+    start, (trainable, opt_state) = ckpts.restore_latest((trainable, opt_state))
     base_file = workdir / "base_eval.json"
     if base_file.exists():
         base_eval = json.loads(base_file.read_text())
     else:
-        base_eval = evaluate(eval_step, setup.trainable, frozen, eval_arrays,
+        base_eval = evaluate(eval_step, trainable, frozen, eval_arrays,
                              cfg.train.eval_batch_size, tasks)
-        base_file.write_text(json.dumps(base_eval))
+        if jax.process_index() == 0:
+            base_file.write_text(json.dumps(base_eval))
     if start:
         log(f"resuming from step {start}")
-    metrics = MetricsWriter(workdir)
+    metrics = MetricsWriter(workdir) if jax.process_index() == 0 else distributed.NullWriter()
     progress = Progress(cfg.train.steps, cfg.train.batch_size * cfg.data.seq_len, start)
     key = jax.random.key(cfg.seed + 2)
     train_time, loss, step = 0.0, float("nan"), start
     with _Preemption() as preempt:
         for step in range(start + 1, cfg.train.steps + 1):
             t0 = time.perf_counter()
-            batch = loader.batch(step - 1)
+            batch = sharding.shard_batch(loader.batch(step - 1), sh.mesh)
             trainable, opt_state, loss = train_step(trainable, opt_state, frozen, batch,
                                                     jax.random.fold_in(key, step))
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
@@ -357,7 +383,9 @@ def train_and_evaluate(cfg: Experiment, workdir: str | os.PathLike) -> dict:
     final = evaluate(eval_step, trainable, frozen, eval_arrays, cfg.train.eval_batch_size, tasks)
     metrics.write(step, "eval", **final)
     metrics.close()
-    setup.export(trainable, frozen, workdir)
+    exported = distributed.gather((trainable, frozen))  # every process takes part
+    if jax.process_index() == 0:
+        setup.export(*exported, workdir)
     n_train = lj.count_params(trainable)
     n_base = lj.count_params(frozen.get("params", {})) if cfg.method != "full" else 0
     summary = {
@@ -376,7 +404,8 @@ def train_and_evaluate(cfg: Experiment, workdir: str | os.PathLike) -> dict:
         "tokens_per_sec": cfg.train.batch_size * cfg.data.seq_len * (step - start)
         / max(train_time, 1e-9),
     }
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
+    if jax.process_index() == 0:
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
     log(_accuracy_table(base_eval["accuracy"], final["accuracy"]))
     log(f"eval loss {base_eval['loss']:.4f} -> {final['loss']:.4f} | trainable params "
         f"{n_train:,} of {n_base + n_train:,} | train time {format_duration(train_time)}")

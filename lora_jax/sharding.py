@@ -1,0 +1,360 @@
+"""Meshes, logical axis rules, and the shardings of everything a training step touches.
+
+Sharding comes in three layers (as in MaxText): a physical mesh with the axes ``('data', 'fsdp',
+'tensor')``; logical axis rules, one dict per named preset (``RULES``), mapping the logical names
+the models put on every parameter ('embed', 'heads', 'kv', 'kv_heads', 'mlp', 'vocab', 'layers')
+to mesh axes; and the logical names themselves, read from ``nn.get_partition_spec`` of an abstract
+``model.init``. Adapter shardings are derived from their kernel's: A keeps the kernel's input axes
+and an unsharded rank axis, B an unsharded rank axis and the output axes, per-output state (DoRA's
+magnitudes and base norms) the output axes, stacked ('layers') axes as in the kernel. Optimizer
+state is sharded like the parameter it mirrors; the batch over ``DATA_AXES``. Multi-host start-up
+lives in ``lora_jax.distributed``; the trainer wires all of this into its jitted step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import linen as nn
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from lora_jax import rules as rules_lib
+from lora_jax.methods import Adapter, is_adapter
+
+MESH_AXES = ("data", "fsdp", "tensor")
+DATA_AXES = ("data", "fsdp")  # the batch is split over both; fsdp also shards the weights
+LOGICAL_NAMES = ("embed", "heads", "kv", "kv_heads", "mlp", "vocab", "layers")
+
+# Mesh axis sizes per preset; -1 = whatever the device count leaves. MeshConfig fields override.
+PRESET_SIZES = {
+    "dp": {"data": -1, "fsdp": 1, "tensor": 1},
+    "fsdp": {"data": 1, "fsdp": -1, "tensor": 1},
+    "fsdp_tp": {"data": 1, "fsdp": -1, "tensor": 2},
+}
+
+# Logical name -> mesh axis (or None: replicated). The one place sharding policy lives.
+RULES = {
+    "dp": {name: None for name in LOGICAL_NAMES},
+    "fsdp": {"embed": "fsdp", "heads": None, "kv": None, "kv_heads": None, "mlp": None,
+             "vocab": None, "layers": None},
+    "fsdp_tp": {"embed": "fsdp", "heads": "tensor", "kv": None, "kv_heads": "tensor",
+                "mlp": "tensor", "vocab": "tensor", "layers": None},
+}
+
+
+# ----------------------------------------------------------------------------- mesh and rules
+
+
+def _preset(name: str) -> str:
+    if name not in PRESET_SIZES:
+        raise ValueError(f"unknown mesh preset {name!r}; known: {sorted(PRESET_SIZES)}")
+    return name
+
+
+def mesh_shape(mc, n_devices: int) -> dict[str, int]:
+    """Axis sizes for ``MeshConfig`` ``mc`` on ``n_devices`` devices (``-1`` inferred).
+
+    A field of 0 keeps the preset's size. Example: preset 'fsdp_tp' on 8 devices ->
+    ``{'data': 1, 'fsdp': 4, 'tensor': 2}``.
+    """
+    sizes = dict(PRESET_SIZES[_preset(mc.preset)])
+    for axis in MESH_AXES:
+        value = getattr(mc, axis)
+        if value:
+            sizes[axis] = value
+    free = [a for a in MESH_AXES if sizes[a] == -1]
+    bad = [a for a in MESH_AXES if sizes[a] < -1 or sizes[a] == 0]
+    if len(free) > 1 or bad:
+        raise ValueError(f"mesh sizes {sizes}: at most one axis may be -1 (inferred) and the "
+                         "others must be positive")
+    known = math.prod(s for s in sizes.values() if s > 0)
+    if n_devices % known:
+        raise ValueError(f"mesh sizes {sizes} (product {known}) do not divide the {n_devices} "
+                         f"devices; choose sizes whose product divides {n_devices}")
+    if free:
+        sizes[free[0]] = n_devices // known
+    if math.prod(sizes.values()) != n_devices:
+        raise ValueError(f"mesh sizes {sizes} use {math.prod(sizes.values())} of the {n_devices} "
+                         "devices; set one axis to -1 or make the product equal the device count")
+    return sizes
+
+
+def make_mesh(mc, devices: Sequence[Any] | None = None) -> Mesh:
+    """The ``('data', 'fsdp', 'tensor')`` mesh for ``MeshConfig`` ``mc``.
+
+    ``devices`` default to all devices of all processes, or the first ``mc.num_devices`` of them.
+    """
+    if devices is None:
+        devices = jax.devices()
+        if getattr(mc, "num_devices", 0):
+            devices = devices[: mc.num_devices]
+    sizes = mesh_shape(mc, len(devices))
+    return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
+                         axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def abstract_mesh(mc, n_devices: int) -> jax.sharding.AbstractMesh:
+    """A device-less mesh of the same shape, for lowering on hardware one does not have."""
+    sizes = mesh_shape(mc, n_devices)
+    return jax.sharding.AbstractMesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
+                                     axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_rules(mc) -> dict[str, Any]:
+    """The preset's rules with ``mc.rules`` overrides ('mlp=tensor,vocab=none') applied."""
+    table = dict(RULES[_preset(mc.preset)])
+    for item in filter(None, (s.strip() for s in getattr(mc, "rules", "").split(","))):
+        name, sep, axis = (s.strip() for s in item.partition("="))
+        if not sep or name not in table:
+            raise ValueError(f"mesh rule {item!r}: expected name=axis with name in {sorted(table)}")
+        axes = tuple(a for a in axis.split("+") if a.lower() != "none")
+        unknown = [a for a in axes if a not in MESH_AXES]
+        if unknown:
+            raise ValueError(f"mesh rule {item!r}: unknown mesh axis {unknown}; use {MESH_AXES}")
+        table[name] = None if not axes else axes[0] if len(axes) == 1 else axes
+    return table
+
+
+def to_mesh_spec(logical: Sequence[str | None], rules: Mapping[str, Any], where: str = "") -> P:
+    """Logical names -> mesh ``PartitionSpec``; ``('embed', 'mlp')`` -> ``P('fsdp', None)``."""
+    out, used = [], []
+    for name in logical:
+        if name is None:
+            out.append(None)
+            continue
+        if name not in rules:
+            raise ValueError(f"{where or 'parameter'}: logical axis {name!r} has no rule; "
+                             f"known: {sorted(rules)}. Add it to the rules (MeshConfig.rules)")
+        axis = rules[name]
+        for a in (axis,) if isinstance(axis, str) else (axis or ()):
+            if a in used:
+                raise ValueError(f"{where or 'parameter'}: mesh axis {a!r} would shard two "
+                                 f"dimensions of {tuple(logical)}; fix the rules")
+            used.append(a)
+        out.append(axis)
+    return P(*out)
+
+
+# ----------------------------------------------------------------------------- logical specs
+
+
+def param_logical_specs(model: nn.Module, *example, **kwargs) -> dict[str, tuple]:
+    """``{path: logical names}`` of every parameter, from an abstract ``model.init`` (no memory)."""
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), *example, **kwargs))
+    specs = nn.get_partition_spec(abstract)["params"]
+    return {path: tuple(spec) for path, spec in rules_lib.flatten(specs).items()}
+
+
+# Per leaf of an adapter: tokens 'stack', 'in', 'out', 'kernel' (the kernel's own axes), None
+# (one unsharded axis, e.g. the rank) and 'rest' (every remaining axis unsharded).
+_LEAF_AXES = {"a": ("stack", "in", None), "b": ("stack", None, "out"),
+              "m": ("stack", "out"), "base_norm": ("stack", "out")}
+_METHOD_LEAF_AXES = {
+    "full": {"w": ("stack", "kernel")},
+    "mtl": {"b": ("stack", None, None, "out"), "lam": ("stack", "rest"), "w": ("stack", "rest")},
+    # methods/multi.py: one LoRA per task / per module on the axis after the stack.
+    "per_task": {"a": ("stack", None, "in", None), "b": ("stack", None, None, "out")},
+    "multilora": {"a": ("stack", None, "in", None), "b": ("stack", None, None, "out"),
+                  "lam": ("stack", None, "out")},
+}
+
+
+def _kernel_axes(adapter: Adapter, kernel_names: tuple, path: str):
+    """(stack, in, out, own) logical names of the adapter's kernel."""
+    layout, n = adapter.layout, adapter.layout.n_stack
+    if len(kernel_names) != n + len(layout.kernel_shape):
+        raise ValueError(f"adapter {path!r}: kernel has logical axes {kernel_names} but the "
+                         f"adapter expects {n} stacked + {len(layout.kernel_shape)} kernel axes")
+    stack, own = kernel_names[:n], kernel_names[n:]
+    if layout.kind == "full":
+        return stack, (), own, own
+    src, dst = (s.replace("...", "") for s in layout.canon.split("->"))
+    by_letter = dict(zip(src, own))
+    n_in = len(layout.in_shape)
+    return (stack, tuple(by_letter[c] for c in dst[:n_in]),
+            tuple(by_letter[c] for c in dst[n_in:]), own)
+
+
+def adapter_logical_specs(adapter: Adapter, kernel_names: tuple, path: str = "") -> Adapter:
+    """The adapter with each array leaf replaced by its tuple of logical axis names."""
+    stack, ins, outs, own = _kernel_axes(adapter, kernel_names, path)
+    tokens = {"stack": stack, "in": ins, "out": outs, "kernel": own, None: (None,)}
+    table = {**_LEAF_AXES, **_METHOD_LEAF_AXES.get(adapter.method, {})}
+
+    def leaf(group, name, x):
+        pattern = table.get(name)
+        if pattern is None:  # unknown leaf: the kernel's axes if it has its shape, else the stack
+            full = len(stack) + len(own)
+            pattern = ("stack", "kernel") if np.ndim(x) == full else ("stack", "rest")
+        names = []
+        for t in pattern:
+            names += [None] * (np.ndim(x) - len(names)) if t == "rest" else list(tokens[t])
+        if len(names) != np.ndim(x):
+            raise ValueError(f"adapter {path!r}: {group}[{name!r}] has shape {np.shape(x)}, "
+                             f"which does not fit the axes {tuple(names)} derived from its kernel")
+        return tuple(names)
+
+    return dataclasses.replace(
+        adapter,
+        params={k: leaf("params", k, v) for k, v in adapter.params.items()},
+        state={k: leaf("state", k, v) for k, v in adapter.state.items()})
+
+
+def _quantized_specs(q, names: tuple):
+    """A quantised kernel (a pytree whose fields keep the kernel's axes): same-rank fields take
+    the kernel's names, the others are unsharded."""
+    return jax.tree.map(lambda x: names if np.ndim(x) == len(names) else (None,) * np.ndim(x), q)
+
+
+def logical_specs(tree: Mapping[str, Any], param_specs: Mapping[str, tuple]) -> dict[str, Any]:
+    """Logical names for a tree keyed like the params: parameters, adapters, quantised kernels.
+
+    Returns the tree with every array leaf replaced by a tuple of logical names (adapters keep
+    their ``Adapter`` node, with tuples in ``params``/``state``).
+    """
+    out = {}
+    for path, x in rules_lib.flatten(tree).items():
+        if path not in param_specs:
+            raise ValueError(f"{path!r} is not a parameter of the model, so it has no logical "
+                             "axes; adapters and frozen trees must be keyed by parameter paths")
+        names = param_specs[path]
+        if is_adapter(x):
+            if not names:  # a parameter without logical names is replicated
+                names = (None,) * (x.layout.n_stack + len(x.layout.kernel_shape))
+            out[path] = adapter_logical_specs(x, names, path)
+        elif isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)):
+            if len(names) != np.ndim(x):
+                if names:
+                    raise ValueError(f"{path!r} has shape {np.shape(x)} but logical axes {names}")
+                names = (None,) * np.ndim(x)
+            out[path] = names
+        else:
+            out[path] = _quantized_specs(x, names)
+    return rules_lib.unflatten(out)
+
+
+def _is_names(x) -> bool:
+    return isinstance(x, tuple) and all(n is None or isinstance(n, str) for n in x)
+
+
+def shardings(logical_tree, mesh, rules: Mapping[str, Any], like=None):
+    """Logical-name tree -> ``NamedSharding`` tree. With ``like`` (arrays or ShapeDtypeStructs
+    of the same structure) every sharded dimension is checked to divide evenly."""
+    def one(path, names, x=None):
+        where = jax.tree_util.keystr(path)
+        spec = to_mesh_spec(names, rules, where)
+        if x is not None:
+            for dim, axis in zip(np.shape(x), spec):
+                size = math.prod(mesh.shape[a] for a in ((axis,) if isinstance(axis, str)
+                                                         else axis or ()))
+                if dim % size:
+                    raise ValueError(f"{where}: dimension of size {dim} (shape {np.shape(x)}, "
+                                     f"logical axes {names}) does not divide over mesh axes "
+                                     f"{axis} of size {size}; change the rules or the mesh")
+        return NamedSharding(mesh, spec)
+
+    if like is None:
+        return jax.tree_util.tree_map_with_path(one, logical_tree, is_leaf=_is_names)
+    return jax.tree_util.tree_map_with_path(one, logical_tree, like, is_leaf=_is_names)
+
+
+def base_shardings(param_specs: Mapping[str, tuple], mesh, rules, like=None):
+    """``NamedSharding`` of every base parameter (nested dict), from ``param_logical_specs``."""
+    return shardings(rules_lib.unflatten(dict(param_specs)), mesh, rules, like)
+
+
+def opt_state_shardings(tx, params, param_shardings, mesh):
+    """Shardings of ``tx.init(params)``: every leaf that mirrors a parameter is sharded like it.
+
+    A leaf mirrors a parameter when the parameter's key path is a suffix of the leaf's path (the
+    longest such) and the shapes agree: optax states hold copies of the parameter tree (``mu``,
+    ``nu``, ``trace``, ...) under their own fields, inside ``multi_transform``/``chain`` wrappers.
+    Everything else (step counts, factored statistics) is replicated.
+    """
+    abstract = jax.eval_shape(tx.init, params)
+    flat_p, _ = jax.tree_util.tree_flatten_with_path(params)
+    flat_s = jax.tree.leaves(param_shardings)
+    by_path = {tuple(path): (np.shape(x), s) for (path, x), s in zip(flat_p, flat_s)}
+    replicated = NamedSharding(mesh, P())
+
+    def one(path, x):
+        path = tuple(path)
+        for start in range(len(path)):
+            hit = by_path.get(path[start:])
+            if hit is not None and hit[0] == np.shape(x):
+                return hit[1]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(one, abstract)
+
+
+def batch_sharding(mesh) -> NamedSharding:
+    """The batch's leading axis over ``DATA_AXES``; other axes unsharded."""
+    return NamedSharding(mesh, P(DATA_AXES))
+
+
+def check_batch(batch_size: int, mesh, what: str = "train.batch_size") -> None:
+    n = math.prod(mesh.shape[a] for a in DATA_AXES)
+    if batch_size % n:
+        raise ValueError(f"{what}={batch_size} does not divide over the data axes {DATA_AXES} "
+                         f"(size {n}); use a multiple of {n}")
+
+
+# ----------------------------------------------------------------------------- placement
+
+
+def put(tree, shardings_tree):
+    """Places a tree that every process holds in full (same values) on the mesh."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings_tree)
+
+    def one(x, s):
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
+
+    return jax.tree.map(one, tree, shardings_tree)
+
+
+def shard_batch(local_batch: Mapping[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+    """A global batch from each process's slice of rows (``ArrayLoader.batch``)."""
+    s = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(s, np.asarray(v))
+            for k, v in local_batch.items()}
+
+
+def replicate_batch(global_batch: Mapping[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+    """A global batch that every process holds in full (eval), split over the data axes."""
+    s = batch_sharding(mesh)
+    return put({k: np.asarray(v) for k, v in global_batch.items()}, {k: s for k in global_batch})
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainShardings:
+    """Shardings of the train step's arguments: trees mirror the values they describe."""
+
+    mesh: Mesh
+    trainable: Any
+    opt_state: Any
+    frozen: Any
+    batch: NamedSharding
+    replicated: NamedSharding
+
+
+def train_shardings(mesh, rules, param_specs, trainable, frozen, tx) -> TrainShardings:
+    """Shardings for a step over ``trainable`` (params or adapters) and ``frozen``
+    (``{}`` or ``{'params': ..., 'state': ...}``), all keyed by parameter paths."""
+    t = shardings(logical_specs(trainable, param_specs), mesh, rules, trainable)
+    f = {k: shardings(logical_specs(v, param_specs), mesh, rules, v) for k, v in frozen.items()}
+    o = opt_state_shardings(tx, trainable, t, mesh)
+    return TrainShardings(mesh, t, o, f, batch_sharding(mesh), NamedSharding(mesh, P()))
+
+
+def describe(sharding_tree) -> dict[str, str]:
+    """``{'/'-joined path: 'PartitionSpec(...)'}``, e.g. for golden files and logs."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(sharding_tree)
+    return {"/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path): str(s.spec)
+            for path, s in flat}
