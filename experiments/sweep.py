@@ -1,7 +1,7 @@
 """Runs every point of a config's ``get_sweep(arg)``, each in its own sub-workdir of ``--workdir``.
 
     python -m experiments.sweep --config=configs/lora.py:small --workdir=runs/rank_targets
-    python -m experiments.sweep --config=configs/methods.py:small --workdir=runs/methods --parallel=2
+    python -m experiments.sweep --config=configs/methods.py:small --workdir=runs/m --parallel=2
     python -m experiments.sweep --config=configs/lora.py:full --workdir=gs://b/rank --print_commands
 
 ``--config.a.b=v`` flags apply to every point (before the point's own overrides). Rerunning the same

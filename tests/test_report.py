@@ -102,7 +102,8 @@ def test_bad_files_are_named_and_the_rest_still_report(tmp_path):
     assert [r.name for r in runs] == ["rank=4_targets=all"]
     assert len(runs[0].curves["train"]) == 20
     joined = "\n".join(warnings)
-    assert f"{tmp_path / 'rank=1_targets=qv' / 'summary.json'}: unreadable or not valid JSON" in joined
+    bad_json = tmp_path / "rank=1_targets=qv" / "summary.json"
+    assert f"{bad_json}: unreadable or not valid JSON" in joined
     assert (f"{tmp_path / 'rank=4_targets=qv' / 'summary.json'}: lacks trainable_params, steps"
             in joined)
     assert (f"{tmp_path / 'rank=1_targets=all' / 'summary.json'}: missing (the run is unfinished "

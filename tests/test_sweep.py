@@ -78,7 +78,7 @@ def test_print_commands_runs_nothing(tmp_path):
     out = subprocess.run(sweep_cmd("configs/lora.py:small", tmp_path / "w", "--print_commands"),
                          cwd=ROOT, env=ENV, capture_output=True, text=True, check=True).stdout
     lines = out.strip().splitlines()
-    assert len(lines) == 12
+    assert len(lines) == 9
     assert lines[0].startswith(f"python -m experiments.train --config=configs/lora.py:small "
                                f"--workdir={tmp_path / 'w' / 'rank=1_targets=qv'} "
                                "--config.base.source=init")
