@@ -16,6 +16,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and exports.")
 flags.mark_flags_as_required(["config", "workdir"])
+# orbax logs every checkpoint step at INFO; the run's own progress is printed. -v 0 brings it back.
+flags.FLAGS.set_default("verbosity", -1)
 
 
 def main(argv):

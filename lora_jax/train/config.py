@@ -120,25 +120,39 @@ class QuantConfig:
     """QLoRA: quantised frozen base kernels (see lora_jax.quant)."""
 
     kind: str = ""  # '' (none) | 'nf4' | 'int8'
-    targets: str = "all-linear"
+    targets: str = "all-linear"  # kernels to quantise: preset or comma-separated regexes
+    exclude: str = ""  # regexes of kernels never quantised
+    block_size: int = 64  # NF4 block (QLoRA: 64); see lora_jax.quant.choose_blocking
+    double_quant: bool = True  # NF4: int8 block constants (QLoRA's double quantisation)
 
 
 @dataclasses.dataclass(frozen=True)
 class SparsityConfig:
-    """LoSA / pruning of the base (see lora_jax.sparsity)."""
+    """LoSA / pruning of the base (see lora_jax.sparsity, docs/losa.md); used by method='losa'."""
 
     target: float = 0.0  # final sparsity S; 0 disables pruning
     pruner: str = "wanda"  # 'magnitude' | 'wanda' | 'sparsegpt'
     iterations: int = 5  # LoSA's T
+    pattern: str = ""  # '' (unstructured) | 'n:m', e.g. '2:4'
+    beta: float = 1.0  # RMI temperature
+    layerwise: bool = True  # RMI layer-wise sparsity; False = the same rate for every block
+    rank_start: int = 6  # mean rank of iteration 1 (reference: 6); adapter.rank is r_max
+    rank_step: int = 1  # added to the mean rank per iteration (reference: 1)
+    dynamic_rank: bool = True  # ranks from reconstruction errors; False = r_max everywhere
+    masked: bool = True  # adapters masked by the base's sparsity (False: plain LoRA on top)
+    calib_samples: int = 64  # calibration sequences, taken from the training set
 
 
 @dataclasses.dataclass(frozen=True)
 class MtlConfig:
-    """MTL-LoRA options (see lora_jax.methods.mtl)."""
+    """Multi-task adapter options: MTL-LoRA's (lora_jax.methods.mtl) and its baselines'
+    (lora_jax.methods.multi). The number of tasks is ``len(data.tasks)``."""
 
-    num_up: int = 3
-    temperature: float = 0.1
-    diagonal: bool = False
+    num_up: int = 3  # MTL-LoRA: n up-projections B_i
+    temperature: float = 0.1  # MTL-LoRA: softmax temperature τ of the mixing weights
+    diagonal: bool = False  # MTL-LoRA: diagonal Λ_t
+    num_loras: int = 3  # MultiLoRA ('multilora'): n summed LoRAs
+    export_merged: bool = False  # 'mtl' / 'per_task': also export one merged model per task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,7 +192,9 @@ def from_dict(cls: type, values: Mapping[str, Any], where: str = "config") -> An
         if dataclasses.is_dataclass(hint):
             value = from_dict(hint, value, f"{where}.{name}")
         elif typing.get_origin(hint) is tuple:
-            value = tuple(value.split(",")) if isinstance(value, str) else tuple(value)
+            # 'a,b' and ('a,b',) (what a --config.x=a,b flag gives) both mean ('a', 'b').
+            items = [value] if isinstance(value, str) else value
+            value = tuple(p for v in items for p in (v.split(",") if isinstance(v, str) else [v]))
         kwargs[name] = value
     return cls(**kwargs)
 
