@@ -134,14 +134,16 @@ def table(runs: list[Run]) -> tuple[list[str], list[list[Any]]]:
     axes = axes_of(runs)
     short = short_keys([{k: None for k in axes}])
     tasks = list(dict.fromkeys(t for r in runs for t in r.summary["accuracy"] if t != "mean"))
+    method = [] if "method" in axes else ["method"]  # a swept method is already an axis column
     columns = (["run"] + [short[a] for a in axes] +
-               ["method", "steps", "trainable params", "eval loss", "acc (mean)"] +
+               method + ["steps", "trainable params", "eval loss", "acc (mean)"] +
                [f"acc {t}" for t in tasks] + ["base acc (mean)", "tokens/s", "train s"])
     rows = []
     for r in sorted(runs, key=lambda r: ([_sort_key(r.overrides.get(a)) for a in axes], r.name)):
         s, acc = r.summary, r.summary["accuracy"]
         rows.append([r.name] + [r.overrides.get(a, "") for a in axes] +
-                    [s["method"], s["steps"], s["trainable_params"], s["final_eval_loss"],
+                    [s["method"]] * len(method) +
+                    [s["steps"], s["trainable_params"], s["final_eval_loss"],
                      acc.get("mean", math.nan)] + [acc.get(t, math.nan) for t in tasks] +
                     [s.get("base_accuracy", {}).get("mean", math.nan), s["tokens_per_sec"],
                      s["train_seconds"]])

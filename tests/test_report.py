@@ -136,3 +136,11 @@ def test_cli_prints_the_table_and_reports_bad_runs(tmp_path):
     empty = subprocess.run([sys.executable, "-m", "experiments.report", str(tmp_path / "none")],
                            cwd=ROOT, env=env, capture_output=True, text=True)
     assert empty.returncode != 0 and "no complete run (summary.json) under" in empty.stderr
+
+
+def test_a_swept_method_is_one_column(tmp_path):
+    make_run(tmp_path / "lora", overrides={"method": "lora"})
+    make_run(tmp_path / "dora", overrides={"method": "dora"})
+    columns, rows = report.table(report.load_runs(tmp_path))
+    assert columns.count("method") == 1 and columns[:3] == ["run", "method", "steps"]
+    assert [r[:2] for r in rows] == [["dora", "dora"], ["lora", "lora"]]
