@@ -11,6 +11,8 @@ and shardings live in ``lora_jax.sharding``; see docs/scaling.md for launch comm
 from __future__ import annotations
 
 import os
+import socket
+import time
 
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -22,33 +24,49 @@ def wanted(mc) -> bool:
                 or os.environ.get("JAX_COORDINATOR_ADDRESS"))
 
 
+def _wait_for_coordinator(address: str, timeout_s: float) -> None:
+    """Waits until ``host:port`` accepts TCP connections; raises a clear error at the timeout.
+
+    JAX's client aborts the whole process (SIGABRT, a C++ stack trace) when the coordinator cannot
+    be reached in time, so a process other than 0 checks the address first.
+    """
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+                return
+        except OSError as e:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"the JAX coordinator at {address} was not reachable within {timeout_s}s "
+                    f"({e}). Start process 0 on that host (it serves the coordinator), check the "
+                    "port is open, and give every process the same "
+                    "--config.mesh.coordinator_address; or raise --config.mesh.init_timeout_s"
+                ) from None
+            time.sleep(0.5)
+
+
 def initialize(mc) -> None:
     """Calls ``jax.distributed.initialize`` once, if ``mc`` or the environment asks for it.
 
-    Must run before anything touches a JAX device. An unreachable coordinator fails after
-    ``mc.init_timeout_s`` seconds with an error naming the address, instead of hanging.
+    Must run before anything touches a JAX device. Processes other than 0 first wait up to
+    ``mc.init_timeout_s`` for the coordinator's port and fail with an error naming the address
+    (JAX itself would abort the process); all processes then wait up to that long for each other.
     """
     if not wanted(mc) or jax.distributed.is_initialized():
         return
-    auto = mc.coordinator_address == "auto"
-    kwargs = dict(
-        coordinator_address=None if auto else (mc.coordinator_address or None),
-        num_processes=mc.num_processes or None,
-        process_id=None if mc.process_id < 0 else mc.process_id,
-        initialization_timeout=mc.init_timeout_s,
-    )
-    try:
-        jax.distributed.initialize(**kwargs)
-    except Exception as e:  # the runtime raises XlaRuntimeError / RuntimeError / ValueError
-        address = kwargs["coordinator_address"] or os.environ.get("JAX_COORDINATOR_ADDRESS",
-                                                                   "auto-detected")
-        raise RuntimeError(
-            f"jax.distributed.initialize failed (coordinator {address}, "
-            f"{kwargs['num_processes'] or 'auto'} processes, this is process "
-            f"{kwargs['process_id'] if kwargs['process_id'] is not None else 'auto'}, timeout "
-            f"{mc.init_timeout_s}s): {str(e).splitlines()[0] if str(e) else type(e).__name__}. "
-            "Check that process 0 runs on that host and the port is open, and that every process "
-            "got the same --config.mesh.coordinator_address and num_processes") from e
+    address = None if mc.coordinator_address == "auto" else (
+        mc.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS"))
+    process_id = mc.process_id if mc.process_id >= 0 else (
+        int(os.environ["JAX_PROCESS_ID"]) if "JAX_PROCESS_ID" in os.environ else None)
+    if address and process_id:
+        _wait_for_coordinator(address, mc.init_timeout_s)
+    print(f"jax.distributed.initialize: coordinator {address or 'auto-detected'}, "
+          f"{mc.num_processes or 'auto'} processes, process {process_id}, waiting up to "
+          f"{mc.init_timeout_s}s for all of them", flush=True)
+    jax.distributed.initialize(coordinator_address=address, num_processes=mc.num_processes or None,
+                               process_id=process_id, initialization_timeout=mc.init_timeout_s)
 
 
 def gather(tree):

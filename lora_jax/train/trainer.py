@@ -301,6 +301,7 @@ def _identity(cfg: Experiment) -> dict:
     d = to_dict(cfg)
     for k in ("eval_every", "eval_batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
         d["train"].pop(k)
+    d.pop("mesh")  # a run may resume on another topology (process count, mesh shape)
     return d
 
 
