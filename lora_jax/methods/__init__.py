@@ -70,9 +70,9 @@ def is_adapter(x: Any) -> bool:
 
 def get(name: str) -> ModuleType:
     """The method module called ``name``."""
-    from lora_jax.methods import dora, full, lora, mtl
+    from lora_jax.methods import dora, full, lora, mtl, sparse
 
-    registry = {"lora": lora, "dora": dora, "full": full, "mtl": mtl}
+    registry = {"lora": lora, "dora": dora, "full": full, "mtl": mtl, "losa": sparse}
     if name not in registry:
         raise ValueError(f"unknown adapter method {name!r}; known: {sorted(registry)}")
     return registry[name]

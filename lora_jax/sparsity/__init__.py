@@ -1,6 +1,9 @@
-"""Sparsity: one-layer pruners (magnitude, Wanda, SparseGPT) and LoSA's schedule math.
+"""Sparsity: pruners (magnitude, Wanda, SparseGPT), model-level pruning, and LoSA's schedule.
 
-Importing this package has no side effects. Model-level drivers live elsewhere.
+``pruners.py`` prunes one kernel; ``model.py`` walks a model's blocks over calibration batches
+(``prune_model``); ``losa.py`` is the schedule's pure math; ``schedule.py`` runs LoSA's iterations
+on a model with sparse adapters (``methods/sparse.py``) and hooks them into the trainer.
+Importing this package has no side effects.
 """
 
 from lora_jax.sparsity.losa import (
@@ -13,6 +16,13 @@ from lora_jax.sparsity.losa import (
     rmi_importance,
     sparsity_band,
 )
+from lora_jax.sparsity.model import (
+    capture_blocks,
+    measured_sparsity,
+    prune_blocks,
+    prune_model,
+    run_blocks,
+)
 from lora_jax.sparsity.pruners import (
     CalibStats,
     calib_stats_from_inputs,
@@ -23,9 +33,19 @@ from lora_jax.sparsity.pruners import (
     update_calib_stats,
     wanda_prune,
 )
+from lora_jax.sparsity.schedule import LosaHook, LosaOptions, losa_iteration, merged_sparsity
 
 __all__ = [
     "CalibStats",
+    "LosaHook",
+    "LosaOptions",
+    "capture_blocks",
+    "losa_iteration",
+    "measured_sparsity",
+    "merged_sparsity",
+    "prune_blocks",
+    "prune_model",
+    "run_blocks",
     "allocate_ranks",
     "allocate_sparsity",
     "calib_stats_from_inputs",

@@ -27,6 +27,7 @@ import optax
 import lora_jax as lj
 from lora_jax import data as D
 from lora_jax import distributed, io, models, sharding
+from lora_jax.sparsity import schedule as losa_schedule
 from lora_jax.train import checkpoint
 from lora_jax.train.config import Experiment, ModelConfig, fingerprint, to_dict
 from lora_jax.train.metrics import MetricsWriter, Progress, format_duration
@@ -339,6 +340,10 @@ def train_and_evaluate(cfg: Experiment, workdir: str | os.PathLike) -> dict:
     trainable, frozen = sharding.put((setup.trainable, setup.frozen), (sh.trainable, sh.frozen))
     opt_state = jax.jit(setup.tx.init, out_shardings=sh.opt_state)(trainable)
     start, (trainable, opt_state) = ckpts.restore_latest((trainable, opt_state))
+    hook = losa_schedule.trainer_hook(
+        cfg, model, frozen, train_arrays, workdir,
+        lambda t, f: evaluate(eval_step, t, f, eval_arrays, cfg.train.eval_batch_size, tasks), log)
+    frozen = hook.restore(start, frozen) if hook else frozen  # LoSA: masks change between segments
     base_file = workdir / "base_eval.json"
     if base_file.exists():
         base_eval = json.loads(base_file.read_text())
@@ -355,6 +360,8 @@ def train_and_evaluate(cfg: Experiment, workdir: str | os.PathLike) -> dict:
     train_time, loss, step = 0.0, float("nan"), start
     with _Preemption() as preempt:
         for step in range(start + 1, cfg.train.steps + 1):
+            if hook:
+                frozen = hook(step, trainable, frozen)
             t0 = time.perf_counter()
             batch = sharding.shard_batch(loader.batch(step - 1), sh.mesh)
             trainable, opt_state, loss = train_step(trainable, opt_state, frozen, batch,
@@ -405,6 +412,8 @@ def train_and_evaluate(cfg: Experiment, workdir: str | os.PathLike) -> dict:
         "tokens_per_sec": cfg.train.batch_size * cfg.data.seq_len * (step - start)
         / max(train_time, 1e-9),
     }
+    if hook:
+        summary.update(hook.finish(trainable, frozen, workdir))
     if jax.process_index() == 0:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
     log(_accuracy_table(base_eval["accuracy"], final["accuracy"]))

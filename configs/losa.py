@@ -1,0 +1,61 @@
+"""LoSA (Huang et al., ICLR 2025) on the default experiment: the cached task-suite GPT-2 pruned to a
+target sparsity S in T steps while sparse (masked) adapters are trained, with layer-wise
+sparsity from representation mutual information and ranks from reconstruction errors.
+
+    python -m experiments.train --config=configs/losa.py --workdir=runs/losa
+    python -m experiments.train --config=configs/losa.py:sparsity=0.7,pruner=sparsegpt \
+        --workdir=runs/losa_s70
+    # the comparison (dense / pruned without fine-tuning / pruned once + LoRA / LoSA):
+    python -m experiments.sweep --config=configs/losa.py --sweep=compare --workdir=runs/losa_cmp
+
+Arg keys: sparsity (S), pruner ('wanda' | 'sparsegpt' | 'magnitude'), iterations (T), beta,
+pattern ('' or '2:4'), steps, variant ('losa' | 'prune_lora' | 'prune_masked').
+``variant='prune_lora'``: prune once (T = 1, one rate for every block) then plain LoRA (its
+merge is dense); ``'prune_masked'``: the same with masked adapters. "Pruned without fine-tuning"
+is logged by every run as ``losa[0].eval_after_prune`` of a T = 1 run in summary.json.
+
+Results on this 2-core CPU: see docs/losa.md.
+"""
+
+from configs import common
+
+
+def get_config(arg: str = ""):
+    a = common.parse_arg(arg, sparsity=0.5, pruner="wanda", iterations=5, beta=1.0, pattern="",
+                         steps=400, variant="losa", rank=16, alpha=32.0)
+    config = common.get_config()
+    config.method = "losa"
+    config.adapter.rank = a["rank"]  # r_max: A and B keep this size; rank masks select ranks
+    config.adapter.alpha = float(a["alpha"])
+    config.train.steps = a["steps"]
+    sc = config.sparsity
+    sc.target = float(a["sparsity"])
+    sc.pruner = a["pruner"]
+    sc.iterations = a["iterations"]
+    sc.beta = float(a["beta"])
+    sc.pattern = a["pattern"]
+    if a["variant"] in ("prune_lora", "prune_masked"):
+        sc.iterations, sc.layerwise, sc.dynamic_rank = 1, False, False
+        sc.masked = a["variant"] == "prune_masked"
+        config.adapter.rank, config.adapter.alpha = 8, 16.0
+    elif a["variant"] != "losa":
+        raise ValueError(f"variant={a['variant']!r}; use 'losa', 'prune_lora' or 'prune_masked'")
+    return config
+
+
+def get_sweep(arg: str = ""):
+    """'' : S × pruner × T × beta around the defaults; 'compare': the table of docs/losa.md."""
+    if arg == "compare":
+        out = []
+        for s in (0.5, 0.7):
+            out += [{"sparsity.target": s},
+                    {"sparsity.target": s, "sparsity.iterations": 1, "sparsity.layerwise": False,
+                     "sparsity.dynamic_rank": False, "sparsity.masked": False,
+                     "adapter.rank": 8, "adapter.alpha": 16.0}]
+        return out
+    grid = [{"sparsity.target": s, "sparsity.pruner": p}
+            for s in (0.5, 0.7) for p in ("wanda", "sparsegpt")]
+    grid += [{"sparsity.iterations": t} for t in (1, 3, 5)]
+    grid += [{"sparsity.beta": b} for b in (0.5, 1.0, 2.0)]
+    grid += [{"sparsity.pattern": "2:4"}]
+    return grid

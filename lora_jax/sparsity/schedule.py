@@ -1,0 +1,253 @@
+"""LoSA's dynamic schedule over a model with sparse adapters, and its hook into the trainer.
+
+One iteration ``t`` of ``T`` (``losa_iteration``): merge the adapters into the base; take the
+cubic-ramp target ``s_t``; layer-wise sparsities from representation mutual information (linear
+CKA between block inputs of the merged model on calibration samples -> importance -> the LP in
+the band ``±delta``); prune the merged weights block by block at those rates (Wanda, SparseGPT or
+magnitude), measuring each block's reconstruction error ``E_l`` against the dense model's block
+outputs; unmerge with the new mask (kept base entries come back unchanged); then allocate ranks
+``∝ E_l`` around the mean rank ``r̄_t = rank_start + (t-1) * rank_step`` (the reference: 6, 7, ..,
+10) and write them into the fixed-size rank masks. Only adapter *state* and the frozen base
+change, so the jitted train step is reused. ``LosaHook`` runs iteration t before the first step
+of training segment t (the step budget split evenly over T), saves what it produced so that a
+resumed run restores it, and adds ``sparsity`` and the per-iteration log to ``summary.json``.
+The adapter math is in ``methods/sparse.py``, the pure schedule math in ``losa.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import serialization
+
+from lora_jax import io, rules, transform
+from lora_jax.methods import Adapter
+from lora_jax.sparsity import losa
+from lora_jax.sparsity.model import Blocks, capture_blocks, prune_blocks, run_blocks
+
+
+@dataclasses.dataclass(frozen=True)
+class LosaOptions:
+    """LoSA's knobs (``SparsityConfig`` holds the same names)."""
+
+    target: float = 0.5
+    iterations: int = 5
+    pruner: str = "wanda"
+    pattern: tuple[int, int] | None = None
+    beta: float = 1.0
+    layerwise: bool = True
+    rank_start: int = 6
+    rank_step: int = 1
+    rank_min: int = 1
+    dynamic_rank: bool = True
+    masked: bool = True
+
+    @classmethod
+    def from_config(cls, sc) -> "LosaOptions":
+        pattern = None
+        if sc.pattern:
+            n, _, m = sc.pattern.partition(":")
+            pattern = (int(n), int(m))
+        return cls(target=sc.target, iterations=sc.iterations, pruner=sc.pruner, pattern=pattern,
+                   beta=sc.beta, layerwise=sc.layerwise, rank_start=sc.rank_start,
+                   rank_step=sc.rank_step, dynamic_rank=sc.dynamic_rank, masked=sc.masked)
+
+
+def iteration_sparsity(opts: LosaOptions, t: int) -> float:
+    """Mean sparsity after iteration t (1-based): the cubic ramp, or the pattern's N:M rate."""
+    if opts.pattern is not None:
+        return 1.0 - opts.pattern[0] / opts.pattern[1]
+    return losa.cubic_sparsity(opts.target, t, opts.iterations)
+
+
+def _with_states(adapters, update: Callable[[str, Adapter], dict]):
+    flat = rules.flatten(adapters)
+    return rules.unflatten({p: dataclasses.replace(a, state=update(p, a)) for p, a in flat.items()})
+
+
+def losa_iteration(params, adapters, x0: jax.Array, blocks: Blocks, layouts,
+                   dense_outputs: Sequence[jax.Array], t: int, opts: LosaOptions,
+                   batch_size: int = 16) -> tuple[dict, dict, dict]:
+    """One LoSA iteration (see the module docstring).
+
+    Args:
+      params: the frozen (sparse) base; adapters: 'losa' adapters (joined: params and state).
+      x0: (n, seq, d) block-0 inputs of the calibration samples (embeddings do not change).
+      blocks, layouts: ``capture_blocks`` / ``lj.trace_layouts`` of the model.
+      dense_outputs: (L,) block outputs of the dense model on the same samples.
+      t: 1-based iteration; opts: ``LosaOptions``.
+    Returns:
+      ``(params, adapters, info)``: the new base, adapters with new masks and rank masks, and a
+      JSON-able record (target, layer sparsities, importances, errors, ranks).
+    """
+    paths = sorted(rules.flatten(adapters))
+    merged = transform.merge(params, adapters)
+    s_t = iteration_sparsity(opts, t)
+    num = len(blocks.names)
+    importance = None
+    if opts.layerwise and opts.pattern is None and num > 1:
+        xs = run_blocks(blocks, merged, x0, batch_size)[:-1]
+        importance = losa.rmi_importance(xs, opts.beta)
+        rates = losa.allocate_sparsity(importance, s_t, losa.sparsity_band(s_t))
+    else:
+        rates = np.full(num, s_t)
+    pruned, masks, errors = prune_blocks(blocks, merged, x0, paths, layouts, list(rates),
+                                         opts.pruner, opts.pattern, dense_outputs, batch_size)
+
+    def new_mask(path, a):
+        keep = masks[path] if opts.masked else jnp.ones_like(masks[path])
+        return {**a.state, "mask": keep}
+
+    adapters = _with_states(adapters, new_mask)
+    params = transform.unmerge(pruned, adapters)  # new mask, old rank masks: kept entries return
+    r_max = max(a.rank for a in rules.flatten(adapters).values())
+    mean_rank = min(opts.rank_start + (t - 1) * opts.rank_step, r_max)
+    if opts.dynamic_rank:
+        ranks = losa.allocate_ranks(errors, mean_rank, r_max, opts.rank_min)
+    else:
+        ranks = [r_max] * num
+
+    def new_ranks(path, a):
+        rm = losa.rank_mask(ranks[blocks.index(path)], a.rank)
+        return {**a.state, "rank_mask": jnp.broadcast_to(rm, a.state["rank_mask"].shape)}
+
+    adapters = _with_states(adapters, new_ranks)
+    info = {"iteration": t, "target": float(s_t), "layer_sparsity": [float(r) for r in rates],
+            "importance": None if importance is None else [float(v) for v in importance],
+            "errors": [float(e) for e in errors], "mean_rank": int(mean_rank), "ranks": ranks}
+    return params, adapters, info
+
+
+def merged_sparsity(params, adapters) -> float:
+    """Measured sparsity (fraction of exact zeros) of the adapted kernels after merging."""
+    merged = rules.flatten(transform.merge(params, adapters))
+    paths = list(rules.flatten(adapters))
+    zeros = sum(int(jnp.sum(merged[p] == 0)) for p in paths)
+    return zeros / sum(int(merged[p].size) for p in paths)
+
+
+def segment_starts(steps: int, iterations: int) -> list[int]:
+    """First step (1-based) of each of the T training segments; steps split evenly."""
+    return [(t * steps) // iterations + 1 for t in range(iterations)]
+
+
+class LosaHook:
+    """Runs LoSA's iterations between training segments of ``train_and_evaluate``.
+
+    ``frozen = hook(step, trainable, frozen)`` before each train step applies the iterations
+    whose segment starts at ``step`` (several if the budget has fewer steps than T). Values
+    change, shapes/dtypes/shardings do not, so the step does not recompile.
+    """
+
+    def __init__(self, opts: LosaOptions, model, frozen, calib_tokens, steps: int,
+                 workdir: str | os.PathLike, evaluate: Callable | None = None,
+                 batch_size: int = 16, log: Callable[[str], None] = print):
+        self.opts, self.log, self.evaluate, self.batch_size = opts, log, evaluate, batch_size
+        self.dir = Path(workdir) / "losa"
+        self.starts = segment_starts(steps, opts.iterations)
+        params = frozen["params"]
+        self.layouts = transform.trace_layouts(model, params, calib_tokens[:1])
+        self.blocks, self.x0 = capture_blocks(model, params, calib_tokens)
+        # The dense reference: the base before any pruning (adapters start with B = 0).
+        self.dense_outputs = run_blocks(self.blocks, params, self.x0, batch_size)[1:]
+        self.records: list[dict] = []
+
+    def _due(self, step: int) -> list[int]:
+        return [t + 1 for t, s in enumerate(self.starts) if s == step]
+
+    def __call__(self, step: int, trainable, frozen):
+        for t in self._due(step):
+            frozen = self.run(t, trainable, frozen)
+        return frozen
+
+    def run(self, t: int, trainable, frozen):
+        start = time.perf_counter()
+        adapters = transform.join(trainable, frozen["state"])
+        params, adapters, info = losa_iteration(frozen["params"], adapters, self.x0,
+                                                self.blocks, self.layouts, self.dense_outputs,
+                                                t, self.opts, self.batch_size)
+        _, state = transform.split(adapters)
+        new = _like(frozen, {**frozen, "params": params, "state": state})
+        info["seconds"] = time.perf_counter() - start
+        info["sparsity"] = merged_sparsity(params, adapters)
+        if self.evaluate is not None:
+            ev = self.evaluate(trainable, new)
+            info["eval_after_prune"] = {"loss": ev["loss"], "accuracy": ev["accuracy"]["mean"]}
+        self.records.append(info)
+        self._save(t, new, info)
+        self.log(f"LoSA iteration {t}/{self.opts.iterations}: sparsity {info['sparsity']:.4f} "
+                 f"(target {info['target']:.4f}), mean rank {info['mean_rank']}, ranks "
+                 f"{info['ranks']}, errors {np.round(info['errors'], 4).tolist()}"
+                 + (f", eval loss {info['eval_after_prune']['loss']:.4f} acc "
+                    f"{info['eval_after_prune']['accuracy']:.3f}" if self.evaluate else "")
+                 + f" ({info['seconds']:.1f}s)")
+        return new
+
+    def _save(self, t: int, frozen, info: dict) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        states = {p: a.state for p, a in rules.flatten(frozen["state"]).items()}
+        blob = serialization.msgpack_serialize(jax.device_get(
+            {"params": frozen["params"], "state": states}))
+        tmp = self.dir / f"{t}.msgpack.tmp"
+        tmp.write_bytes(blob)
+        os.replace(tmp, self.dir / f"{t}.msgpack")
+        (self.dir / f"{t}.json").write_text(json.dumps(info))
+
+    def restore(self, step: int, frozen):
+        """The frozen tree as it was after the iterations applied by ``step`` (0: unchanged)."""
+        done = [t + 1 for t, s in enumerate(self.starts) if s <= step]
+        if not done:
+            return frozen
+        t = done[-1]
+        blob = serialization.msgpack_restore((self.dir / f"{t}.msgpack").read_bytes())
+        self.records = [json.loads((self.dir / f"{i}.json").read_text()) for i in done]
+        flat = rules.flatten(frozen["state"])
+        state = rules.unflatten({p: dataclasses.replace(a, state=dict(blob["state"][p]))
+                                 for p, a in flat.items()})
+        self.log(f"LoSA: restored iteration {t} from {self.dir}")
+        return _like(frozen, {**frozen, "params": blob["params"], "state": state})
+
+    def finish(self, trainable, frozen, workdir: str | os.PathLike) -> dict:
+        """Writes the merged sparse model (``merged.msgpack``); returns summary entries."""
+        adapters = transform.join(trainable, frozen["state"])
+        merged = transform.merge(frozen["params"], adapters)
+        io.save_params(Path(workdir) / "merged.msgpack", merged)
+        base = rules.flatten(frozen["params"])
+        paths = list(rules.flatten(adapters))
+        base_zeros = sum(int(jnp.sum(base[p] == 0)) for p in paths)
+        return {"sparsity": merged_sparsity(frozen["params"], adapters),
+                "base_sparsity": base_zeros / sum(int(base[p].size) for p in paths),
+                "losa": self.records}
+
+
+def _like(old, new):
+    """``new`` with each array placed like the corresponding leaf of ``old`` (same sharding)."""
+    def place(n, o):
+        n = jnp.asarray(n, dtype=o.dtype)
+        return jax.device_put(n, o.sharding) if hasattr(o, "sharding") else n
+    return jax.tree.map(place, new, old)
+
+
+def trainer_hook(cfg, model, frozen, train_arrays, workdir, evaluate: Callable | None = None,
+                 log: Callable[[str], None] = print) -> LosaHook | None:
+    """The ``LosaHook`` of an ``Experiment`` with ``method='losa'`` (else None).
+
+    Calibration: ``cfg.sparsity.calib_samples`` training sequences drawn with ``cfg.seed``.
+    ``evaluate(trainable, frozen) -> {'loss', 'accuracy': {'mean'}}`` is logged after each prune.
+    """
+    if cfg.method != "losa":
+        return None
+    sc = cfg.sparsity
+    n = len(train_arrays["inputs"])
+    rows = np.sort(np.random.default_rng(cfg.seed).permutation(n)[:sc.calib_samples])
+    return LosaHook(LosaOptions.from_config(sc), model, frozen,
+                    jnp.asarray(train_arrays["inputs"][rows]), cfg.train.steps, workdir,
+                    evaluate, log=log)
