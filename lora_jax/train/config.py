@@ -34,10 +34,10 @@ class DataConfig:
     """Training and evaluation data: the built-in task suite, or local text / JSONL files."""
 
     kind: str = "tasks"  # 'tasks' | 'jsonl' | 'text'
-    tasks: tuple[str, ...] = ("digits_reverse", "digits_rotate")
+    tasks: tuple[str, ...] = ("digits_reverse", "kv_recall")
     n_train_per_task: int = 4000
     n_eval_per_task: int = 256
-    seq_len: int = 32
+    seq_len: int = 24
     tokenizer: str = "byte"  # 'byte' or a path to tokenizer.json
     train_path: str = ""
     eval_path: str = ""
@@ -54,10 +54,10 @@ class BaseConfig:
     """
 
     source: str = "pretrain"  # 'pretrain' | 'init' | 'hf'
-    pretrain_tasks: tuple[str, ...] = ("copy", "reverse", "sort", "add", "kv_recall")
-    pretrain_steps: int = 1500
-    pretrain_lr: float = 3e-3
-    pretrain_batch_size: int = 64
+    pretrain_tasks: tuple[str, ...] = ("copy", "reverse", "sort", "add")
+    pretrain_steps: int = 2000
+    pretrain_lr: float = 1e-3
+    pretrain_batch_size: int = 32
     cache_dir: str = ""  # default: $LORA_JAX_CACHE or ~/.cache/lora_jax
 
 
