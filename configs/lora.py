@@ -5,7 +5,9 @@ held-out tasks it never saw.
     python -m experiments.train --config=configs/lora.py:rank=4,targets=qv --workdir=runs/lora_r4
 
 Arg keys: rank, alpha, targets ('qv' | 'attn' | 'all-linear' | regexes joined by '+'), steps,
-rslora, init. What it reaches on this 2-core CPU: see docs/results.md (default experiment).
+rslora, init. What it reaches (2-core CPU, seed 0): base accuracy 0.000 on both held-out tasks;
+after 400 LoRA steps (r=8, all-linear, 65,536 trainable of 940,800) digits_reverse 0.867,
+kv_recall 0.367, mean 0.617; eval loss 4.82 -> 0.36. configs/full_ft.py is the comparison.
 
 The arg may start with a sweep size, 'small' or 'full' (the default): 'small' shortens the run to
 ``common.SMALL_STEPS`` steps (evaluating every 25 for the loss curves) and ``get_sweep('small')``
