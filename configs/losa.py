@@ -6,7 +6,10 @@ sparsity from representation mutual information and ranks from reconstruction er
     python -m experiments.train --config=configs/losa.py:sparsity=0.7,pruner=sparsegpt \
         --workdir=runs/losa_s70
     # the comparison (dense / pruned without fine-tuning / pruned once + LoRA / LoSA):
-    python -m experiments.sweep --config=configs/losa.py --sweep=compare --workdir=runs/losa_cmp
+    python -m experiments.sweep --config=configs/losa.py:compare --workdir=runs/losa_cmp
+    # or one run each (what produced docs/losa.md's table):
+    python -m experiments.train --config=configs/losa.py:sparsity=0.7,variant=prune_lora \
+        --workdir=runs/losa/prune_lora_s0.7
 
 Arg keys: sparsity (S), pruner ('wanda' | 'sparsegpt' | 'magnitude'), iterations (T), beta,
 pattern ('' or '2:4'), steps, variant ('losa' | 'prune_lora' | 'prune_masked').
@@ -21,6 +24,8 @@ from configs import common
 
 
 def get_config(arg: str = ""):
+    if arg.split(",")[0] == "compare":  # the sweep's name, passed to both functions
+        arg = arg.partition(",")[2]
     a = common.parse_arg(arg, sparsity=0.5, pruner="wanda", iterations=5, beta=1.0, pattern="",
                          steps=400, variant="losa", rank=16, alpha=32.0)
     config = common.get_config()
@@ -45,7 +50,7 @@ def get_config(arg: str = ""):
 
 def get_sweep(arg: str = ""):
     """'' : S × pruner × T × beta around the defaults; 'compare': the table of docs/losa.md."""
-    if arg == "compare":
+    if (arg or "").split(",")[0] == "compare":
         out = []
         for s in (0.5, 0.7):
             out += [{"sparsity.target": s},
