@@ -29,7 +29,8 @@ from lora_jax import data as D
 from lora_jax import distributed, io, models, sharding
 from lora_jax.sparsity import schedule as losa_schedule
 from lora_jax.train import checkpoint
-from lora_jax.train.config import Experiment, ModelConfig, fingerprint, to_dict
+from lora_jax.train.config import (BaseConfig, DataConfig, Experiment, ModelConfig, OptimConfig,
+                                   TrainConfig, fingerprint, to_dict)
 from lora_jax.train.metrics import MetricsWriter, Progress, format_duration
 
 
@@ -92,21 +93,30 @@ def _cache_dir(cfg: Experiment) -> Path:
 
 
 def pretrain_experiment(cfg: Experiment) -> Experiment:
-    """The full fine-tuning run that makes the cached base model for ``cfg``."""
-    b = cfg.base
-    return dataclasses.replace(
-        cfg, method="full",
-        base=dataclasses.replace(b, source="init"),
-        data=dataclasses.replace(cfg.data, kind="tasks", tasks=b.pretrain_tasks),
-        optim=dataclasses.replace(cfg.optim, lr=b.pretrain_lr, weight_decay=0.0),
-        train=dataclasses.replace(cfg.train, steps=b.pretrain_steps,
-                                  batch_size=b.pretrain_batch_size,
-                                  eval_every=b.pretrain_steps, checkpoint_every=500),
+    """The full fine-tuning run that makes the cached base model for ``cfg``.
+
+    Built only from what defines the base (model, ``cfg.base``, tokenizer, sequence length,
+    seeds), so runs that differ in anything else share one cached base.
+    """
+    b, d = cfg.base, cfg.data
+    return Experiment(
+        method="full", seed=cfg.seed, model=cfg.model, mesh=cfg.mesh,
+        base=BaseConfig(source="init", pretrain_tasks=b.pretrain_tasks,
+                        pretrain_steps=b.pretrain_steps, pretrain_lr=b.pretrain_lr,
+                        pretrain_batch_size=b.pretrain_batch_size),
+        data=DataConfig(kind="tasks", tasks=b.pretrain_tasks, seq_len=d.seq_len,
+                        tokenizer=d.tokenizer, seed=d.seed),
+        optim=OptimConfig(lr=b.pretrain_lr),
+        train=TrainConfig(steps=b.pretrain_steps, batch_size=b.pretrain_batch_size,
+                          eval_every=b.pretrain_steps, checkpoint_every=500),
     )
 
 
 def base_params(cfg: Experiment, model, hf_params, example):
-    """The frozen base: HF checkpoint, fresh init, or the cached pretrained model."""
+    """The frozen base: HF checkpoint, fresh init, or the cached pretrained model.
+
+    None if SIGTERM interrupted the pretraining (it resumes on the next run).
+    """
     if cfg.base.source == "hf":
         if hf_params is None:
             raise ValueError("base.source='hf' needs model.hf_path")
@@ -117,7 +127,7 @@ def base_params(cfg: Experiment, model, hf_params, example):
     if cfg.base.source != "pretrain":
         raise ValueError(f"unknown base.source {cfg.base.source!r}; use 'pretrain', 'init', 'hf'")
     pre = pretrain_experiment(cfg)
-    key = fingerprint(pre.model, pre.data, pre.base, pre.optim, pre.train, pre.seed)
+    key = fingerprint(pre.model, pre.data, pre.base, pre.optim, pre.train, pre.seed)  # not mesh
     workdir = _cache_dir(cfg) / f"base-{cfg.model.family}-{cfg.model.preset}-{key}"
     path = workdir / "params.msgpack"
     if path.exists():
@@ -125,7 +135,8 @@ def base_params(cfg: Experiment, model, hf_params, example):
     else:
         log(f"base model: pretraining on {', '.join(pre.data.tasks)} "
             f"({pre.train.steps} steps; cached at {workdir})")
-        train_and_evaluate(pre, workdir)
+        if train_and_evaluate(pre, workdir).get("interrupted"):
+            return None
     return io.load_params(path)
 
 
@@ -330,6 +341,8 @@ def train_and_evaluate(cfg: Experiment, workdir: str | os.PathLike) -> dict:
     train_arrays, eval_arrays, tasks = load_data(cfg.data, tokenizer)
     example = jnp.zeros((1, cfg.data.seq_len), jnp.int32)
     params = base_params(cfg, model, hf_params, example)
+    if params is None:
+        return {"interrupted": True, "step": 0}
     setup = setup_method(cfg, model, params, example)
     sh = shard_setup(cfg, model, example, setup)
     train_step, eval_step = make_steps(setup, sh)
