@@ -7,7 +7,7 @@
 Rerunning the same command resumes from the workdir's newest checkpoint.
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from lora_jax.train import Experiment, from_dict, train_and_evaluate
@@ -16,11 +16,11 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and exports.")
 flags.mark_flags_as_required(["config", "workdir"])
-# orbax logs every checkpoint step at INFO; the run's own progress is printed. -v 0 brings it back.
-flags.FLAGS.set_default("verbosity", -1)
 
 
 def main(argv):
+    if not flags.FLAGS["verbosity"].present:  # orbax logs every checkpoint at INFO; -v 0 shows it
+        logging.set_verbosity(logging.WARNING)
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     cfg = from_dict(Experiment, _CONFIG.value.to_dict())
