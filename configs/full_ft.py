@@ -1,6 +1,10 @@
 """Full fine-tuning on the default experiment: the baseline LoRA is compared against.
 
     python -m experiments.train --config=configs/full_ft.py --workdir=runs/full_ft
+
+What it reaches (2-core CPU, seed 0, same cached base and 400 steps as configs/lora.py): all
+875,264 parameters trained; digits_reverse 0.973, kv_recall 0.418, mean 0.695 (LoRA r=8
+all-linear with 7% of the trainable parameters: 0.867 / 0.367 / 0.617); eval loss 4.82 -> 0.19.
 """
 
 from configs import common
