@@ -15,6 +15,7 @@ from lora_jax import nnx
 from lora_jax.layers import Layout
 from lora_jax.methods import Adapter, Ctx
 from lora_jax.optim import adapter_labels, adapter_optimizer
+from lora_jax.quant import dequantize_params, merge_quantized, quantize_params
 from lora_jax.rules import PRESETS, Rule, select_targets
 from lora_jax.transform import (
     LoraSpec,
@@ -34,4 +35,5 @@ __all__ = [
     "Adapter", "Ctx", "Layout", "LoraSpec", "PRESETS", "Rule", "adapter_labels",
     "adapter_optimizer", "apply", "count_params", "init_adapters", "join", "materialized",
     "merge", "nnx", "select_targets", "split", "summary", "trace_layouts", "unmerge",
+    "dequantize_params", "merge_quantized", "quantize_params",
 ]

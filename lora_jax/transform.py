@@ -7,7 +7,9 @@ dict mirroring ``params``). ``apply`` runs an unmodified Flax linen model with t
 contribution; because they live in a collection, ``nn.scan``-ed stacks slice them like
 ``'params'`` (declare ``'lora'`` in the scan's ``variable_axes``). ``merge``/``unmerge`` fold
 adapters into the base and out again, which is also the materialised mode that works for any JAX
-function of the parameters. Rules live in ``rules.py``, the math in ``methods/``.
+function of the parameters. Kernels quantised by ``lj.quantize_params`` (QLoRA) are dequantised
+inside their layer, adapted or not, so ``apply`` (not ``model.apply``) runs quantised models.
+Rules live in ``rules.py``, the math in ``methods/``, quantised storage in ``quant/``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from lora_jax import layers, methods, rules
+from lora_jax import layers, methods, quant, rules
 from lora_jax.methods import Adapter, Ctx, is_adapter
 
 
@@ -124,6 +126,8 @@ def init_adapters(
         kernel = flat[t.path]
         layout = _layout_for(t.path, kernel, layouts)
         _check_rank(t.path, t.rank, layout)
+        if quant.is_quantized(kernel):  # QLoRA: init over the quantised weights
+            kernel = quant.dequantize(kernel, kernel.dtype)
         out[t.path] = method.init(k, kernel, layout, t.rank, spec.scale(t.rank, t.alpha), spec)
     if spec.modules_to_save:
         saved = rules.match_rules(sorted(flat), rules.as_rules(spec.modules_to_save),
@@ -143,7 +147,8 @@ def trace_layouts(model: nn.Module, params: Mapping[str, Any], *args, **kwargs) 
     Runs ``model.apply({'params': params}, *args, **kwargs)`` under ``jax.eval_shape`` (nothing is
     computed) and records, for each Dense/DenseGeneral/Einsum/Embed/Conv call, which kernel axes
     are contracted with the input. Stacked (``nn.scan``) axes are those the stored kernel has
-    beyond what the layer sees. Returns ``{path: Layout}``.
+    beyond what the layer sees. Quantised kernels are traced at their logical shape. Returns
+    ``{path: Layout}``.
     """
     found: dict[str, layers.Layout] = {}
 
@@ -158,7 +163,8 @@ def trace_layouts(model: nn.Module, params: Mapping[str, Any], *args, **kwargs) 
                         found["/".join(module.path + (name,))] = layout
         return next_fun(*call_args, **call_kwargs)
 
-    params = _unbox(params)
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _unbox(params),
+                          is_leaf=quant.is_quantized)
     with nn.intercept_methods(record):
         jax.eval_shape(lambda p: model.apply({"params": p}, *args, **kwargs), params)
     flat = rules.flatten(params)
@@ -199,15 +205,29 @@ def _check_shape(module: nn.Module, kernel, adapter: Adapter) -> None:
         )
 
 
+def _dequantized(module: nn.Module, name: str):
+    """The layer's own params with its quantised kernel dense in the compute dtype, or None."""
+    own = dict(module.variables.get("params", {}))
+    if not quant.is_quantized(own[name]):
+        return None
+    own[name] = quant.dequantize(own[name], getattr(module, "dtype", None) or own[name].dtype)
+    return own
+
+
 def _intercept(next_fun, args, kwargs, context):
     module = context.module
+    name = _kernel_name(module) if context.method_name != "setup" else None
+    dense = _dequantized(module, name) if name else None
+    if dense is not None:  # QLoRA: run the layer on its dequantised params
+        base = module.clone(parent=None)
+        next_fun = lambda *a, **k: base.apply({"params": dense}, *a, method=context.method_name,
+                                             **k)
     if context.method_name != "__call__" or not args:
         return next_fun(*args, **kwargs)
-    name = _kernel_name(module)
     if name is None or not module.has_variable("lora", name):
         return next_fun(*args, **kwargs)
     adapter = module.get_variable("lora", name)
-    kernel = module.get_variable("params", name)
+    kernel = module.get_variable("params", name) if dense is None else dense[name]
     _check_shape(module, kernel, adapter)
     ctx = _CTX.get()
     y = next_fun(*args, **kwargs)
@@ -264,6 +284,11 @@ def _fold(params, adapters, fold: str):
         if path not in flat:
             raise ValueError(f"adapter for {path!r} has no parameter at that path")
         kernel = flat[path]
+        if quant.is_quantized(kernel):
+            raise ValueError(
+                f"{path!r} is quantised; folding an adapter into it re-quantises. Use "
+                "lj.merge_quantized(model, params, adapters, batch) to merge and see the error, or "
+                "lj.merge(lj.dequantize_params(params), adapters) for an exact dense merge.")
         n = adapter.layout.n_stack
         if tuple(kernel.shape[n:]) != adapter.layout.kernel_shape:
             raise ValueError(
@@ -316,8 +341,10 @@ def join(trainable, state):
 
 
 def count_params(tree) -> int:
-    """Number of scalars in the array leaves of ``tree`` (quantised leaves count as stored)."""
-    return sum(math.prod(jnp.shape(x)) for x in jax.tree.leaves(tree))
+    """Number of scalars in the array leaves of ``tree``; a quantised kernel counts its logical
+    (dequantised) size, so QLoRA's trainable share matches LoRA's (bytes: ``quant.nbytes``)."""
+    return sum(math.prod(x.shape) if quant.is_quantized(x) else math.prod(jnp.shape(x))
+               for x in jax.tree.leaves(tree, is_leaf=quant.is_quantized))
 
 
 def summary(params: Mapping[str, Any], adapters: Mapping[str, Any]) -> str:

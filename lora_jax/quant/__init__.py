@@ -3,7 +3,8 @@
 Quantised kernels are pytrees (`NF4Array`, `Int8Array`) whose array fields keep the kernel's axes,
 so they jit, shard and slice under `nn.scan` like the kernel they replace; `dequantize` turns one
 back into a dense array right before use. Layouts and error bounds are documented in `nf4` and
-`int8`. This package does not decide which kernels to quantise or wire them into models.
+`int8`; choosing kernels by target rules, the blocked axis, and merges into a quantised base with an
+error report live in `qlora`. Running a model on quantised leaves is `lora_jax.apply`'s job.
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ import jax.numpy as jnp
 
 from lora_jax.quant.int8 import Int8Array, int8_dequantize, int8_quantize
 from lora_jax.quant.nf4 import NF4_CODE, NF4Array, nf4_dequantize, nf4_quantize
+from lora_jax.quant.qlora import (MergeReport, choose_blocking, dequantize_params, merge_quantized,
+                                  quantize_params, requantize)
 
 __all__ = [
     "NF4_CODE", "NF4Array", "Int8Array", "nf4_quantize", "nf4_dequantize", "int8_quantize",
-    "int8_dequantize", "quantize", "dequantize", "is_quantized", "nbytes",
+    "int8_dequantize", "quantize", "dequantize", "is_quantized", "nbytes", "MergeReport",
+    "choose_blocking", "dequantize_params", "merge_quantized", "quantize_params", "requantize",
 ]
 
 _QUANTIZERS = {"nf4": nf4_quantize, "int8": int8_quantize}

@@ -1,7 +1,8 @@
 """4-bit NormalFloat (NF4) storage with double quantisation, as in QLoRA / bitsandbytes.
 
 A kernel has `n_stack` leading stacked (layer) axes, then input axes, then output axes. Blocks of
-`block_size` (64) run along the FIRST input axis (axis `n_stack`), one block per output element;
+`block_size` (64) run along one input axis (`in_axis`; the FIRST input axis, axis `n_stack`, by
+default), one block per element of the other axes;
 each block keeps its absmax and each value the index of the nearest of the 16 NF4 levels (times
 absmax). Two indices pack into one uint8 along that axis: element 2i in the HIGH nibble, element
 2i+1 in the LOW nibble (bitsandbytes' order). Double quantisation subtracts the per-slice mean of the
@@ -95,6 +96,10 @@ class NF4Array:
         shape[self.axis] *= 2
         return tuple(shape)
 
+    @property
+    def ndim(self) -> int:
+        return self.codes.ndim
+
 
 def _pad_last(x: jax.Array, multiple: int) -> jax.Array:
     """Zero-pads the last axis of x up to a multiple of `multiple`."""
@@ -125,10 +130,11 @@ def nf4_absmax(q: NF4Array) -> jax.Array:
     return resid + mean.reshape(mean.shape + (1,) * (resid.ndim - mean.ndim))
 
 
-@functools.partial(jax.jit, static_argnames=("n_stack", "block_size", "double_quant", "dq_block_size"))
+@functools.partial(jax.jit, static_argnames=("n_stack", "block_size", "double_quant",
+                                             "dq_block_size", "in_axis"))
 def nf4_quantize(w: jax.Array, *, n_stack: int = 0, block_size: int = 64, double_quant: bool = True,
-                 dq_block_size: int = 256) -> NF4Array:
-    """Block-wise absmax NF4 quantisation along the first input axis (axis `n_stack`).
+                 dq_block_size: int = 256, in_axis: int = 0) -> NF4Array:
+    """Block-wise absmax NF4 quantisation along one input axis (default: the first, `n_stack`).
 
     Args:
       w: kernel (*stack, d0, *rest), any float dtype; d0 must be a multiple of `block_size`.
@@ -137,6 +143,9 @@ def nf4_quantize(w: jax.Array, *, n_stack: int = 0, block_size: int = 64, double
       double_quant: store the absmax constants as int8 (mean-subtracted, blocks of `dq_block_size`
         along the last axis of the absmax array) instead of float32.
       dq_block_size: absmax constants per second-level float32 scale (256 in QLoRA).
+      in_axis: per-layer axis to block (and pack) along; 0 = the first input axis. A kernel whose
+        first input axis is short (GPT-2's attention output (n_head, head_dim, d_model)) blocks
+        along another input axis instead; `quant.choose_blocking` picks one from the layout.
 
     Returns:
       NF4Array; for w (d_in, d_out): codes (d_in/2, d_out) uint8, absmax (d_in/64, d_out) int8,
@@ -147,7 +156,7 @@ def nf4_quantize(w: jax.Array, *, n_stack: int = 0, block_size: int = 64, double
       >>> q.codes.shape, q.absmax.shape, q.absmax_scale.shape
       ((64, 512), (2, 512), (2, 2))
     """
-    axis = blocked_axis(w.ndim, n_stack, "nf4_quantize")
+    axis = blocked_axis(w.ndim, n_stack, "nf4_quantize", in_axis)
     if block_size % 2:
         raise ValueError(f"nf4_quantize: block_size={block_size} must be even (two codes per byte).")
     check_blocks(w.shape, axis, block_size, "nf4_quantize")

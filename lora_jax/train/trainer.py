@@ -140,6 +140,36 @@ def base_params(cfg: Experiment, model, hf_params, example):
     return io.load_params(path)
 
 
+def prepare_base(cfg: Experiment, model, params, example):
+    """Method preparation of the frozen base: quantise the ``cfg.quant`` targets (QLoRA).
+
+    Adapters are then initialised over the quantised weights (as in QLoRA), so B = 0 reproduces
+    the quantised base exactly.
+    """
+    q = cfg.quant
+    if not q.kind:
+        return params
+    if cfg.method == "full":
+        raise ValueError(f"quant.kind={q.kind!r} quantises the frozen base, but method='full' "
+                         "trains every parameter; use an adapter method or quant.kind=''")
+    if cfg.adapter.init == "pissa":
+        raise ValueError("adapter.init='pissa' turns the base into a residual, which would need "
+                         "re-quantising (QPiSSA/LoftQ, not supported); use quant.kind='' or "
+                         "adapter.init='default'")
+    split = lambda s: tuple(filter(None, (p.strip() for p in s.split(","))))
+    layouts = lj.trace_layouts(model, params, example)
+    qparams = lj.quantize_params(params, split(q.targets), q.kind, layouts=layouts,
+                                 exclude=split(q.exclude), block_size=q.block_size,
+                                 double_quant=q.double_quant)
+    flat, qflat = lj.rules.flatten(params), lj.rules.flatten(qparams)
+    done = [p for p in flat if qflat[p] is not flat[p]]
+    mib = lambda tree: lj.quant.nbytes(tree) / 2**20
+    log(f"quantised {len(done)} kernels to {q.kind} (targets {q.targets!r}): those kernels "
+        f"{mib([flat[p] for p in done]):.2f} -> {mib([qflat[p] for p in done]):.2f} MiB; "
+        f"base {mib(params):.2f} -> {mib(qparams):.2f} MiB")
+    return qparams
+
+
 # ----------------------------------------------------------------------------- steps
 
 
@@ -341,6 +371,7 @@ def train_and_evaluate(cfg: Experiment, workdir: str | os.PathLike) -> dict:
     train_arrays, eval_arrays, tasks = load_data(cfg.data, tokenizer)
     example = jnp.zeros((1, cfg.data.seq_len), jnp.int32)
     params = base_params(cfg, model, hf_params, example)
+    params = prepare_base(cfg, model, params, example)
     if params is None:
         return {"interrupted": True, "step": 0}
     setup = setup_method(cfg, model, params, example)
