@@ -371,9 +371,9 @@ def train_and_evaluate(cfg: Experiment, workdir: str | os.PathLike) -> dict:
     train_arrays, eval_arrays, tasks = load_data(cfg.data, tokenizer)
     example = jnp.zeros((1, cfg.data.seq_len), jnp.int32)
     params = base_params(cfg, model, hf_params, example)
-    params = prepare_base(cfg, model, params, example)
     if params is None:
         return {"interrupted": True, "step": 0}
+    params = prepare_base(cfg, model, params, example)
     setup = setup_method(cfg, model, params, example)
     sh = shard_setup(cfg, model, example, setup)
     train_step, eval_step = make_steps(setup, sh)
