@@ -1,6 +1,7 @@
 """Adapter methods behind one small protocol, and the ``Adapter`` pytree node they share.
 
-Each method is a module with four pure functions:
+Each method is a module (or, for the multi-task baselines in ``multi.py``, a namespace) with four
+pure functions:
 
     init(key, kernel, layout, rank, scale, options) -> Adapter   # for one (possibly stacked) kernel
     output(y, x, adapter, kernel, bias, module, ctx) -> y'        # the adapted layer output
@@ -70,9 +71,10 @@ def is_adapter(x: Any) -> bool:
 
 def get(name: str) -> ModuleType:
     """The method module called ``name``."""
-    from lora_jax.methods import dora, full, lora, mtl, sparse
+    from lora_jax.methods import dora, full, lora, mtl, multi, sparse
 
-    registry = {"lora": lora, "dora": dora, "full": full, "mtl": mtl, "losa": sparse}
+    registry = {"lora": lora, "dora": dora, "full": full, "mtl": mtl, "losa": sparse,
+                "per_task": multi.per_task, "multilora": multi.multilora}
     if name not in registry:
         raise ValueError(f"unknown adapter method {name!r}; known: {sorted(registry)}")
     return registry[name]

@@ -27,6 +27,7 @@ import optax
 import lora_jax as lj
 from lora_jax import data as D
 from lora_jax import distributed, io, models, sharding
+from lora_jax.methods import multi
 from lora_jax.sparsity import schedule as losa_schedule
 from lora_jax.train import checkpoint
 from lora_jax.train.config import (BaseConfig, DataConfig, Experiment, ModelConfig, OptimConfig,
@@ -206,7 +207,17 @@ def adapter_spec(cfg: Experiment) -> lj.LoraSpec:
     split = lambda s: tuple(filter(None, (p.strip() for p in s.split(","))))
     return lj.LoraSpec(rank=a.rank, alpha=a.alpha, targets=split(a.targets),
                        exclude=split(a.exclude), dropout=a.dropout, method=cfg.method,
-                       init=a.init, rslora=a.rslora, modules_to_save=split(a.modules_to_save))
+                       init=a.init, rslora=a.rslora, modules_to_save=split(a.modules_to_save),
+                       options=method_options(cfg))
+
+
+def method_options(cfg: Experiment) -> tuple:
+    """``LoraSpec.options`` for the multi-task methods, from ``cfg.mtl``; T = len(data.tasks)."""
+    m, num_tasks = cfg.mtl, len(cfg.data.tasks) if cfg.data.kind == "tasks" else 1
+    return {"mtl": (("num_tasks", num_tasks), ("num_up", m.num_up),
+                    ("temperature", m.temperature), ("diagonal", m.diagonal)),
+            "per_task": (("num_tasks", num_tasks),),
+            "multilora": (("num_loras", m.num_loras),)}.get(cfg.method, ())
 
 
 def _rngs(rng):
@@ -239,8 +250,14 @@ def setup_method(cfg: Experiment, model, params, example) -> Setup:
                         deterministic=not train)
 
     def export(trainable, frozen, workdir):
-        meta = {"spec": to_dict(cfg.adapter), "method": cfg.method, "model": to_dict(cfg.model)}
-        io.save_adapters(workdir / "adapter", lj.join(trainable, frozen["state"]), meta)
+        meta = {"spec": to_dict(cfg.adapter), "method": cfg.method, "model": to_dict(cfg.model),
+                "options": [list(o) for o in method_options(cfg)]}
+        adapters = lj.join(trainable, frozen["state"])
+        io.save_adapters(workdir / "adapter", adapters, meta)
+        if cfg.mtl.export_merged and cfg.method in ("mtl", "per_task"):
+            for t, name in enumerate(cfg.data.tasks):  # one merged model per task
+                io.save_params(workdir / "merged" / f"{name}.msgpack",
+                               multi.merge_params(frozen["params"], adapters, t))
 
     return Setup(trainable, {"params": params, "state": state}, forward, tx, export)
 

@@ -1,0 +1,211 @@
+"""Multi-task baselines for MTL-LoRA: one LoRA per task ('per_task') and MultiLoRA ('multilora').
+
+Both keep n (or T) LoRAs side by side and run them as ONE LoRA of rank n·r through the layout's own
+einsums: the A_i concatenated along the rank axis (``A_cat``, ``(*in, n·r)``) and the B_i stacked
+(``B_cat``, ``(n·r, *out)``), so ``x A_cat B_cat = Σ_i x A_i B_i`` and every layer kind (dense,
+multi-axis DenseGeneral/Einsum, conv, embed) works unchanged. Leaves carry stacked axes first, then
+the module axis: ``a`` ``(*stack, n, *in, r)``, ``b`` ``(*stack, n, r, *out)``.
+
+**per_task** (option ``num_tasks`` T): T independent LoRAs, example b uses LoRA ``task_ids[b]``:
+
+    h = x W + s · drop(x) A_t B_t,   s = α / r
+
+Routing zeroes the other tasks' blocks of the rank-T·r activation ``x A_cat`` per example, so an
+example's output (and its gradient) involves only its own task's A_t, B_t. Its price is T× LoRA's
+adapter FLOPs (the same as one LoRA of rank T·r, i.e. as LoRA at an equal parameter count); for
+many tasks (T·r ≫ 64) gathering A_t per example would be cheaper. Inits are LoRA's per task
+(PEFT's: A kaiming-uniform, B = 0; embeddings A = 0, B ~ N(0, 1)). Task ids are validated as
+MTL-LoRA validates them (``mtl._check_task_ids``; NaN rows for out-of-range ids under ``jit``).
+There is no task-free merge: ``merge_task`` / ``merge_params(params, adapters, task)``.
+
+**multilora** (Wang et al. 2023, "MultiLoRA: Democratizing LoRA for Better Multi-Task
+Learning"; option ``num_loras`` n, default 3): n parallel LoRAs summed, with learnable scaling,
+shared by all tasks (no routing; ``task_ids`` are ignored):
+
+    h = x W + s · Σ_i (drop(x) A_i B_i) ⊙ λ_i,   λ_i ∈ R^{out} (per output unit),  s = α / r
+
+As in the paper, B is not zero-initialised; the learnable scalings start at zero instead (so the
+model starts as the base): A_i and B_i ~ kaiming-uniform(a=√5) (A: U(±1/√d_in), B: U(±1/√r); an
+embedding's A ~ N(0, 1)), λ_i = 0. The per-output-unit λ_i and the inits follow the MultiLoRA
+baseline in the MTL-LoRA authors' code (pUmpKin-Co/MTL-LoRA); each module keeps the full α/r, so
+the update grows with n (no 1/n). λ folds into B (``B_i ⊙ λ_i``, B-sized), so the forward stays
+one rank-n·r LoRA; ``merge`` is ``W + s · A_cat (B ⊙ λ)_cat``. With n = 1 and λ = 1 it is LoRA.
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from lora_jax import layers, rules
+from lora_jax.methods import Adapter, Ctx, lora, mtl
+
+
+def _count(spec, name: str, default=None) -> int:
+    value = spec.option(name, default)
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"LoraSpec(method={spec.method!r}) needs option {name!r} >= 1 "
+                         f"(options=(({name!r}, N),)), got {value!r}")
+    return int(value)
+
+
+def _stack_inits(key, kernel, layout, rank, scale, init, n):
+    """n LoRA factor pairs from ``lora.init_factors``, stacked on a new axis after the stack."""
+    if init not in ("default", "gaussian"):
+        raise ValueError(f"per-task and MultiLoRA adapters support init 'default' or 'gaussian', "
+                         f"not {init!r}")
+    pairs = [lora.init_factors(k, kernel, layout, rank, scale, init)
+             for k in jax.random.split(key, n)]
+    return tuple(jnp.stack(f, axis=layout.n_stack) for f in zip(*pairs))
+
+
+def _cat_a(a, layout) -> jax.Array:
+    """``(..., n, *in, r)`` -> ``(..., *in, n·r)``: the A_i side by side on the rank axis."""
+    axis = a.ndim - len(layout.in_shape) - 2
+    a = jnp.moveaxis(a, axis, -2)
+    return a.reshape(a.shape[:-2] + (-1,))
+
+
+def _cat_b(b, layout) -> jax.Array:
+    """``(..., n, r, *out)`` -> ``(..., n·r, *out)``: the B_i stacked on the rank axis."""
+    n_out = len(layout.out_shape)
+    return b.reshape(b.shape[: b.ndim - n_out - 2] + (-1,) + b.shape[b.ndim - n_out:])
+
+
+def _product(adapter: Adapter, a, b) -> jax.Array:
+    """``s · A_cat B_cat`` (summed over the modules) in the kernel's axis order, float32."""
+    return adapter.scale * layers.product(adapter.layout, _cat_a(a, adapter.layout),
+                                          _cat_b(b, adapter.layout))
+
+
+# ----------------------------------------------------------------------------- per_task
+
+
+def init_per_task(key, kernel, layout, rank, scale, spec) -> Adapter:
+    """T LoRAs for one (possibly stacked) kernel: ``a`` (*stack, T, *in, r), ``b`` (*stack, T, r,
+    *out)."""
+    num_tasks = _count(spec, "num_tasks")
+    a, b = _stack_inits(key, kernel, layout, rank, scale, spec.init, num_tasks)
+    return Adapter({"a": a, "b": b}, {}, "per_task", scale, layout, spec.dropout,
+                   (("num_tasks", num_tasks),))
+
+
+def output_per_task(y, x, adapter: Adapter, kernel, bias, module, ctx: Ctx):
+    """``y + s · drop(x) A_t B_t`` per example, t = ``ctx.task_ids``."""
+    p, layout, num_tasks = adapter.params, adapter.layout, adapter.option("num_tasks")
+    h = layers.down(layout, x, _cat_a(p["a"], layout), module)  # (batch, ..., T·r)
+    mtl._check_task_ids(ctx.task_ids, num_tasks, h.shape[0])
+    ids = jnp.asarray(ctx.task_ids)
+    keep = jax.nn.one_hot(ids, num_tasks, dtype=h.dtype)  # zero row for an out-of-range id
+    keep = jnp.where(((ids >= 0) & (ids < num_tasks))[:, None], keep, jnp.nan)
+    keep = keep.reshape((-1,) + (1,) * (h.ndim - 2) + (num_tasks, 1))
+    h = (h.reshape(h.shape[:-1] + (num_tasks, -1)) * keep).reshape(h.shape)
+    delta = adapter.scale * layers.up(layout, h, _cat_b(p["b"], layout))
+    return y + delta.astype(y.dtype)
+
+
+def weight_delta_per_task(adapter: Adapter, task: int) -> jax.Array:
+    """``s · A_t B_t`` in the kernel's axis order, float32, stacked axes leading."""
+    num_tasks = adapter.option("num_tasks")
+    if not 0 <= task < num_tasks:
+        raise ValueError(f"task {task} outside [0, {num_tasks})")
+    n = adapter.layout.n_stack
+    pick = lambda x: jax.lax.slice_in_dim(x, task, task + 1, axis=n)
+    return _product(adapter, pick(adapter.params["a"]), pick(adapter.params["b"]))
+
+
+def merge_task(kernel, adapter: Adapter, task: int):
+    """``W_t = W + s · A_t B_t``: the kernel specialised to ``task``."""
+    return (kernel.astype(jnp.float32) + weight_delta_per_task(adapter, task)).astype(kernel.dtype)
+
+
+def unmerge_task(kernel, adapter: Adapter, task: int):
+    """Inverse of ``merge_task``."""
+    return (kernel.astype(jnp.float32) - weight_delta_per_task(adapter, task)).astype(kernel.dtype)
+
+
+def _no_task_merge(kernel, adapter: Adapter):
+    raise ValueError("per-task LoRA merges one task at a time: call "
+                     "lora_jax.methods.multi.merge_params(params, adapters, task)")
+
+
+def merge_params(params, adapters, task: int):
+    """The model specialised to ``task``: per-task LoRAs merge their task's LoRA, MTL-LoRA its
+    task's ``A Λ_t B̄_t`` (``mtl.merge_params``), every other adapter as ``lj.merge`` would."""
+    return _fold_task(params, adapters, task, merge_task, mtl.merge_params)
+
+
+def unmerge_params(params, adapters, task: int):
+    """Inverse of ``merge_params``."""
+    return _fold_task(params, adapters, task, unmerge_task, mtl.unmerge_params)
+
+
+def _fold_task(params, adapters, task, fold_one, fold_rest):
+    flat = rules.flatten(adapters)
+    mine = {p: a for p, a in flat.items() if a.method == "per_task"}
+    rest = rules.unflatten({p: a for p, a in flat.items() if p not in mine})
+    out = rules.flatten(fold_rest(nn.meta.unbox(params), rest, task))
+    for path, adapter in mine.items():
+        if path not in out:
+            raise ValueError(f"adapter for {path!r} has no parameter at that path")
+        out[path] = fold_one(out[path], adapter, task)
+    return rules.unflatten(out)
+
+
+# ----------------------------------------------------------------------------- multilora
+
+
+def init_multilora(key, kernel, layout, rank, scale, spec) -> Adapter:
+    """n summed LoRAs: ``a`` (*stack, n, *in, r), ``b`` (*stack, n, r, *out), ``lam`` (*stack, n,
+    *out) = 0."""
+    n = _count(spec, "num_loras", 3)
+    ka, kb = jax.random.split(key)
+    a, _ = _stack_inits(ka, kernel, layout, rank, scale, spec.init, n)
+    stack = kernel.shape[: layout.n_stack]
+    if layout.kind == "embed":
+        a = jax.random.normal(ka, a.shape)
+    bound = 1.0 / math.sqrt(rank)
+    b = jax.random.uniform(kb, stack + (n, rank) + layout.out_shape, minval=-bound, maxval=bound)
+    lam = jnp.zeros(stack + (n,) + layout.out_shape)
+    return Adapter({"a": a, "b": b, "lam": lam}, {}, "multilora", scale, layout, spec.dropout,
+                   (("num_loras", n),))
+
+
+def _scaled_b(adapter: Adapter) -> jax.Array:
+    """``B_i ⊙ λ_i``: ``(..., n, r, *out)``."""
+    p, n_out = adapter.params, len(adapter.layout.out_shape)
+    lam = jnp.expand_dims(p["lam"], p["lam"].ndim - n_out)  # (..., n, 1, *out)
+    return p["b"] * lam.astype(p["b"].dtype)
+
+
+def output_multilora(y, x, adapter: Adapter, kernel, bias, module, ctx: Ctx):
+    """``y + s · Σ_i (drop(x) A_i B_i) ⊙ λ_i``, as one rank-n·r LoRA."""
+    layout = adapter.layout
+    h = layers.down(layout, x, _cat_a(adapter.params["a"], layout), module)
+    delta = adapter.scale * layers.up(layout, h, _cat_b(_scaled_b(adapter), layout))
+    return y + delta.astype(y.dtype)
+
+
+def weight_delta_multilora(adapter: Adapter) -> jax.Array:
+    """``s · Σ_i A_i (B_i ⊙ λ_i)`` in the kernel's axis order, float32, stacked axes leading."""
+    return _product(adapter, adapter.params["a"], _scaled_b(adapter))
+
+
+def merge_multilora(kernel, adapter: Adapter):
+    return (kernel.astype(jnp.float32) + weight_delta_multilora(adapter)).astype(kernel.dtype)
+
+
+def unmerge_multilora(kernel, adapter: Adapter):
+    return (kernel.astype(jnp.float32) - weight_delta_multilora(adapter)).astype(kernel.dtype)
+
+
+# The registry's view: each baseline as a method "module" with the protocol's four names.
+per_task = SimpleNamespace(init=init_per_task, output=output_per_task, merge=_no_task_merge,
+                           unmerge=_no_task_merge)
+multilora = SimpleNamespace(init=init_multilora, output=output_multilora, merge=merge_multilora,
+                            unmerge=unmerge_multilora)
