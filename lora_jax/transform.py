@@ -222,6 +222,12 @@ def _intercept(next_fun, args, kwargs, context):
         base = module.clone(parent=None)
         next_fun = lambda *a, **k: base.apply({"params": dense}, *a, method=context.method_name,
                                              **k)
+    if context.method_name == "attend" and name and module.has_variable("lora", name):
+        # A tied LM head reads the adapted table, so factored == merged holds for it too.
+        adapter = module.get_variable("lora", name)
+        table = module.get_variable("params", name) if dense is None else dense[name]
+        own = {**module.variables["params"], name: methods.get(adapter.method).merge(table, adapter)}
+        return module.clone(parent=None).apply({"params": own}, *args, method="attend", **kwargs)
     if context.method_name != "__call__" or not args:
         return next_fun(*args, **kwargs)
     if name is None or not module.has_variable("lora", name):

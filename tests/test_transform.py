@@ -25,6 +25,15 @@ class Toy(nn.Module):
         return nn.Dense(10, name="head")(jnp.tanh(h))
 
 
+class Tied(nn.Module):
+    """An embedding table used for the lookup and, transposed, as the LM head (GPT-2 style)."""
+
+    @nn.compact
+    def __call__(self, ids):
+        embed = nn.Embed(50, 16, name="embed")
+        return embed.attend(jnp.tanh(nn.Dense(16, name="mid")(embed(ids))))
+
+
 class ConvNet(nn.Module):
     @nn.compact
     def __call__(self, x):
@@ -75,6 +84,7 @@ CASES = {
     "toy": (Toy(), IDS, ALL),
     "conv": (ConvNet(), IMG, (r"conv/kernel",)),
     "scan": (Stack(), SEQ, (r"blocks/(up|down)/kernel",)),
+    "tied": (Tied(), IDS, (r"embed/embedding", r"mid/kernel")),
 }
 
 
@@ -82,7 +92,7 @@ CASES = {
 @pytest.mark.parametrize("method", ["lora", "dora"])
 def test_zero_init_is_base(case, method):
     model, x, targets = CASES[case]
-    if method == "dora" and case == "toy":
+    if method == "dora" and case in ("toy", "tied"):
         targets = targets[1:]  # DoRA adapts kernels, not embedding tables
     params, adapters = _setup(model, x, targets, method=method)
     base = model.apply({"params": params}, x)
@@ -93,7 +103,7 @@ def test_zero_init_is_base(case, method):
 @pytest.mark.parametrize("method", ["lora", "dora"])
 def test_factored_equals_materialised_equals_merged(case, method):
     model, x, targets = CASES[case]
-    if method == "dora" and case == "toy":
+    if method == "dora" and case in ("toy", "tied"):
         targets = targets[1:]
     params, adapters = _setup(model, x, targets, method=method)
     adapters = _randomize(adapters)
