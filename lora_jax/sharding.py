@@ -332,6 +332,35 @@ def replicate_batch(global_batch: Mapping[str, np.ndarray], mesh) -> dict[str, j
     return put({k: np.asarray(v) for k, v in global_batch.items()}, {k: s for k in global_batch})
 
 
+def batch_sharded(forward, mesh):
+    """``forward`` with the batch axis of every layer output constrained to ``DATA_AXES``.
+
+    Without it the partitioner may follow the weights instead: under fsdp an embedding lookup
+    from a table sharded on 'embed' comes out sharded on 'embed' with the batch replicated, and
+    every device then computes the whole batch (the 7B step's temporaries grow ~256x). The
+    constraint is applied by intercepting the Flax layers (Embed, Dense, DenseGeneral, Einsum, so
+    any model works) to outputs whose leading axis is the batch; other axes stay unconstrained, so
+    tensor-parallel layouts are left to the rules. ``forward(trainable, frozen, inputs, ...)``.
+    """
+    spec = lambda ndim: NamedSharding(mesh, P(DATA_AXES, *[P.UNCONSTRAINED] * (ndim - 1)))
+    layers = (nn.Embed, nn.Dense, nn.DenseGeneral, nn.Einsum)
+
+    def wrapped(trainable, frozen, inputs, *args, **kwargs):
+        batch = inputs.shape[0]
+
+        def constrain(next_fun, call_args, call_kwargs, context):
+            out = next_fun(*call_args, **call_kwargs)
+            if isinstance(context.module, layers) and getattr(out, "ndim", 0) >= 2 \
+                    and out.shape[0] == batch:
+                out = jax.lax.with_sharding_constraint(out, spec(out.ndim))
+            return out
+
+        with nn.intercept_methods(constrain):
+            return forward(trainable, frozen, inputs, *args, **kwargs)
+
+    return wrapped
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainShardings:
     """Shardings of the train step's arguments: trees mirror the values they describe."""

@@ -278,8 +278,10 @@ def make_steps(setup: Setup, sh: sharding.TrainShardings | None = None):
     train step takes a global batch (``sharding.shard_batch``) and the eval step host arrays.
     """
 
+    forward = setup.forward if sh is None else sharding.batch_sharded(setup.forward, sh.mesh)
+
     def loss_fn(trainable, frozen, batch, rng):
-        logits = setup.forward(trainable, frozen, batch["inputs"], batch["task_ids"], rng, True)
+        logits = forward(trainable, frozen, batch["inputs"], batch["task_ids"], rng, True)
         return token_loss(logits, batch)[0]
 
     def train_step(trainable, opt_state, frozen, batch, rng):
@@ -288,7 +290,7 @@ def make_steps(setup: Setup, sh: sharding.TrainShardings | None = None):
         return optax.apply_updates(trainable, updates), opt_state, loss
 
     def eval_step(trainable, frozen, batch):
-        logits = setup.forward(trainable, frozen, batch["inputs"], batch["task_ids"], None, False)
+        logits = forward(trainable, frozen, batch["inputs"], batch["task_ids"], None, False)
         loss, n = token_loss(logits, batch)
         return loss * n, n, jnp.argmax(logits, -1)
 
