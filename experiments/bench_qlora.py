@@ -16,6 +16,7 @@ to the '## QLoRA' section of BENCHMARKS.md.
 from __future__ import annotations
 
 import json
+import os
 import re
 import statistics
 import sys
@@ -136,6 +137,16 @@ def run(preset: str, batch: int, seq: int, rank: int, steps: int) -> dict:
     return res
 
 
+def note(res: dict) -> str:
+    """What dominates the step, from the measured numbers."""
+    s, deq = res["step_s"], res["dequant_all_nf4_s"]
+    return (f"Both steps are mostly the frozen model's bf16 compute (forward, and the input "
+            f"gradients the adapters need), the same work in both. QLoRA adds dequantisation: each "
+            f"NF4 kernel is dequantised in the forward and again in the backward, about 2 × {deq:.3f}"
+            f" s of the {s['qlora_nf4'] - s['lora_bf16']:.3f} s difference; this benchmark does not "
+            f"attribute the rest (machine noise, or dequantised copies XLA keeps for the backward).")
+
+
 def markdown(res: dict, command: str) -> str:
     b, s = res["bytes"], res["step_s"]
     lines = [
@@ -165,7 +176,9 @@ def markdown(res: dict, command: str) -> str:
     lines += [
         "", f"Dequantising every quantised kernel once, alone: NF4 "
         f"{res['dequant_all_nf4_s']:.3f} s, int8 {res['dequant_all_int8_s']:.3f} s. "
-        f"{res.get('note', '')}", ""]
+        f"{res.get('note', '')}", "",
+        f"Load average on the machine at the end of the run: {res.get('load_average', 0):.1f} "
+        "(a shared 2-core CPU: differences under ~10% between rows are within its noise).", ""]
     return "\n".join(lines)
 
 
@@ -186,9 +199,8 @@ def main(argv):
     res = run(_PRESET.value, _BATCH.value, _SEQ.value, _RANK.value, _STEPS.value)
     s = res["step_s"]
     extra_nf4 = s["qlora_nf4"] - s["lora_bf16"]
-    res["note"] = (f"The NF4 step is {extra_nf4:.3f} s slower than LoRA's; one dequantisation pass "
-                   f"costs {res['dequant_all_nf4_s']:.3f} s and a step runs it in the forward and "
-                   f"again (recomputed or saved) for the backward.")
+    res["note"] = note(res)
+    res["load_average"] = os.getloadavg()[0]
     Path(_OUT.value).write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
     if _MARKDOWN.value:
