@@ -14,10 +14,7 @@ a step over its time, divided by that rate. Results go to ``--out`` (JSON) and, 
 from __future__ import annotations
 
 import json
-import re
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -26,6 +23,7 @@ import optax
 from absl import app, flags
 
 import lora_jax as lj
+from experiments.benchlib import peak_mib, time_fn, write_section
 from lora_jax.models import get_model
 
 _PRESET = flags.DEFINE_string("preset", "small", "GPT-2 preset (lora_jax.models.gpt2_config).")
@@ -39,22 +37,8 @@ _MARKDOWN = flags.DEFINE_bool("markdown", False, "Rewrite BENCHMARKS.md's sectio
 SECTION = "## LoRA vs full fine-tuning"
 
 
-def time_fn(fn, *args, steps: int) -> float:
-    """Median wall seconds of ``fn(*args)`` over ``steps`` calls after a warm-up call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
-def peak_mib(jitted, *args) -> float:
-    m = jitted.lower(*args).compile().memory_analysis()
-    peak = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-            - m.alias_size_in_bytes)
-    return peak / 2**20
 
 
 def matmul_flops_per_sec(steps: int) -> float:
@@ -110,16 +94,14 @@ def run() -> dict:
         ("lora_materialised", materialised_loss, adapters, params),
     ]:
         step = make_step(loss)
-        t, o = copy(trainable), tx.init(trainable)
-        peaks[name] = peak_mib(step, t, o, frozen)
-        state = [t, o]
+        state = [copy(trainable), tx.init(trainable)]  # donated and replaced at every call
+        peaks[name] = peak_mib(step, *state, frozen)
 
-        def call():
-            state[0], state[1] = step(state[0], state[1], frozen)
+        def call(step=step, state=state, frozen=frozen):
+            state[:] = step(*state, frozen)
             return state[0]
 
         results[name] = time_fn(call, steps=steps)
-        del state, t, o
 
     merged = jax.jit(lj.merge)(params, adapters)
     infer = jax.jit(lambda p: model.apply({"params": p}, tokens))
@@ -177,14 +159,6 @@ def markdown(res: dict, command: str) -> str:
             f"| materialised / factored step | {r['materialised_vs_factored_step']:.3f} | |\n")
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replaces (or appends) the section that starts with the same '## ' heading."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    heading = section.splitlines()[0]
-    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(section + "\n", text) if pattern.search(text) else \
-        text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
 
 
 def main(argv):

@@ -31,7 +31,6 @@ import lora_jax as lj
 from experiments import bench
 from lora_jax.models import get_model
 from lora_jax.sparsity import model as sm
-from lora_jax.sparsity import pruners
 
 SECTION = "## LoSA"
 FLAGS = bench.flags.FLAGS

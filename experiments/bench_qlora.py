@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -29,6 +26,7 @@ import optax
 from absl import app, flags
 
 import lora_jax as lj
+from experiments.benchlib import time_fn, write_section
 from lora_jax import quant
 from lora_jax.models import get_model
 
@@ -44,15 +42,6 @@ SECTION = "## QLoRA"
 MIB = 2**20
 
 
-def time_fn(fn, *args, steps: int) -> float:
-    """Median wall seconds of ``fn(*args)`` over ``steps`` calls after a warm-up (compile) call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def to_bf16(tree):
@@ -182,23 +171,9 @@ def markdown(res: dict, command: str) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replaces (or appends) the section that starts with the same '## ' heading."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    heading = section.splitlines()[0]
-    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda m: section + "\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
-
-
 def main(argv):
     del argv
     res = run(_PRESET.value, _BATCH.value, _SEQ.value, _RANK.value, _STEPS.value)
-    s = res["step_s"]
-    extra_nf4 = s["qlora_nf4"] - s["lora_bf16"]
     res["note"] = note(res)
     res["load_average"] = os.getloadavg()[0]
     Path(_OUT.value).write_text(json.dumps(res, indent=1))

@@ -33,7 +33,6 @@ def lower_train_step(name: str, arg: str = "", batch_size: int = 256, seq_len: i
     import jax
     import jax.numpy as jnp
 
-    from lora_jax import sharding
     from lora_jax.train import Experiment, from_dict, trainer
 
     cfg = from_dict(Experiment, importlib.import_module(f"configs.{name}").get_config(arg).to_dict())

@@ -18,7 +18,7 @@ import pytest
 
 from configs import common
 from lora_jax.train import Experiment, from_dict, train_and_evaluate, trainer
-from lora_jax.train.config import (BaseConfig, DataConfig, ModelConfig, TrainConfig, to_dict)
+from lora_jax.train.config import to_dict
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_MODEL = "d_model=32,n_layers=2,n_head=2,n_positions=32,vocab_size=320"
