@@ -125,6 +125,7 @@ def markdown(res: dict, command: str) -> str:
             "per_task": "one LoRA per task (routed)", "multilora": "MultiLoRA, n=3 summed LoRAs"}
     rows = "\n".join(
         f"| {what[k]} | {res['trainable_params'][k]:,} | {v:.0f} ms | "
+        f"{min(res['all_ms'][k]):.0f}–{max(res['all_ms'][k]):.0f} ms | "
         f"{res['vs_lora'][k]:.3f} | {res['peak_mib'][k]:.0f} |"
         for k, v in res["step_ms"].items())
     mtl = res["vs_lora"].get("mtl")
@@ -135,8 +136,8 @@ def markdown(res: dict, command: str) -> str:
             f"Setup: {res['setup']}. Medians of interleaved rounds after compiling; every "
             "step is AdamW on the adapters with the base frozen; one batch mixes all tasks.\n\n"
             + verdict +
-            "| method | trainable | median step | / LoRA | peak MiB (XLA) |\n|---|---|---|---|---|\n"
-            + rows + "\n")
+            "| method | trainable | median step | range | / LoRA | peak MiB (XLA) |\n"
+            "|---|---|---|---|---|---|\n" + rows + "\n")
 
 
 def main(argv):
