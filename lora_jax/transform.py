@@ -284,7 +284,7 @@ def apply(
 # ----------------------------------------------------------------------------- merge and friends
 
 
-def _fold(params, adapters, fold: str):
+def _fold(params, adapters, fold: str, task: int | None):
     flat = rules.flatten(_unbox(params))
     for path, adapter in rules.flatten(adapters).items():
         if path not in flat:
@@ -301,22 +301,29 @@ def _fold(params, adapters, fold: str):
                 f"adapter for {path!r} expects a kernel of shape {adapter.layout.kernel_shape} "
                 f"(per layer), got {kernel.shape}"
             )
-        flat[path] = getattr(methods.get(adapter.method), fold)(kernel, adapter)
+        method = methods.get(adapter.method)
+        if task is not None and hasattr(method, f"{fold}_task"):  # per-task methods (MTL-LoRA)
+            flat[path] = getattr(method, f"{fold}_task")(kernel, adapter, task)
+        else:
+            flat[path] = getattr(method, fold)(kernel, adapter)
     return rules.unflatten(flat)
 
 
-def merge(params: Mapping[str, Any], adapters: Mapping[str, Any]) -> dict[str, Any]:
+def merge(params: Mapping[str, Any], adapters: Mapping[str, Any], *,
+          task: int | None = None) -> dict[str, Any]:
     """Folds every adapter into its kernel: ``W + s·A B`` for LoRA, ``m ⊙ V/‖V‖`` for DoRA.
 
-    Computed in float32 and cast back to each kernel's dtype; a bf16 base keeps bf16 and pays
-    bf16's rounding (relative error up to 2⁻⁹ per entry) once.
+    Methods that route per example (MTL-LoRA, per-task LoRA) merge one task at a time: pass
+    ``task``. Computed in float32 and cast back to each kernel's dtype; a bf16 base keeps bf16 and
+    pays bf16's rounding (relative error up to 2⁻⁹ per entry) once.
     """
-    return _fold(params, adapters, "merge")
+    return _fold(params, adapters, "merge", task)
 
 
-def unmerge(params: Mapping[str, Any], adapters: Mapping[str, Any]) -> dict[str, Any]:
+def unmerge(params: Mapping[str, Any], adapters: Mapping[str, Any], *,
+            task: int | None = None) -> dict[str, Any]:
     """Inverse of ``merge`` (to float32 rounding)."""
-    return _fold(params, adapters, "unmerge")
+    return _fold(params, adapters, "unmerge", task)
 
 
 def materialized(fn: Callable) -> Callable:

@@ -11,7 +11,6 @@ from flax import linen as nn
 
 import lora_jax as lj
 from lora_jax import rules
-from lora_jax.methods import mtl
 
 T = 3
 
@@ -113,10 +112,10 @@ def test_merged_per_task_equals_routed_forward(case):
     base = _base(model)(params, x)
     assert np.abs(mixed - base).max() > 1e-2  # the adapters do something
     for t in range(T):
-        merged = _base(model)(mtl.merge_params(params, adapters, t), x)
+        merged = _base(model)(lj.merge(params, adapters, task=t), x)
         rows = np.asarray(TASKS) == t
         np.testing.assert_allclose(mixed[rows], merged[rows], atol=3e-5, rtol=1e-5)
-        back = mtl.unmerge_params(mtl.merge_params(params, adapters, t), adapters, t)
+        back = lj.unmerge(lj.merge(params, adapters, task=t), adapters, task=t)
         jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, atol=1e-5), back, params)
 
 
@@ -182,7 +181,7 @@ def test_diagonal_forward_matches_merge():
     model, x, params, adapters = _setup("scan", diagonal=True)
     adapters = _randomize(adapters)
     y = _forward(model)(params, adapters, x, TASKS)
-    merged = _base(model)(mtl.merge_params(params, adapters, 1), x)
+    merged = _base(model)(lj.merge(params, adapters, task=1), x)
     rows = np.asarray(TASKS) == 1
     np.testing.assert_allclose(y[rows], merged[rows], atol=3e-5)
 
@@ -230,9 +229,9 @@ def test_num_tasks_is_required():
                          jax.random.key(0))
 
 
-def test_plain_merge_points_to_merge_params():
+def test_plain_merge_asks_for_a_task():
     _, _, params, adapters = _setup("toy")
-    with pytest.raises(ValueError, match=r"mtl.merge_params\(params, adapters, task\)"):
+    with pytest.raises(ValueError, match=r"lj.merge\(params, adapters, task=task\)"):
         lj.merge(params, adapters)
     with pytest.raises(ValueError, match="outside"):
-        mtl.merge_params(params, adapters, T)
+        lj.merge(params, adapters, task=T)

@@ -109,11 +109,11 @@ def test_per_task_zero_init_is_base_and_merge_per_task_equals_routed_forward(cas
     mixed = _forward(model)(params, adapters, x, TASKS)
     assert np.abs(mixed - _base(model)(params, x)).max() > 1e-2
     for t in range(T):
-        merged = multi.merge_params(params, adapters, t)
+        merged = lj.merge(params, adapters, task=t)
         rows = np.asarray(TASKS) == t
         np.testing.assert_allclose(mixed[rows], _base(model)(merged, x)[rows], atol=3e-5,
                                    rtol=1e-5)
-        back = multi.unmerge_params(merged, adapters, t)
+        back = lj.unmerge(merged, adapters, task=t)
         jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, atol=1e-5), back, params)
 
 
@@ -157,7 +157,7 @@ def test_per_task_shapes_errors_and_plain_merge():
         lj.apply(model, params, adapters, x, task_ids=jnp.array([0, 1, 3, 1, 0, 2]))
     with pytest.raises(ValueError, match="needs task_ids"):
         lj.apply(model, params, adapters, x)
-    with pytest.raises(ValueError, match=r"multi.merge_params\(params, adapters, task\)"):
+    with pytest.raises(ValueError, match=r"lj.merge\(params, adapters, task=task\)"):
         lj.merge(params, adapters)
     with pytest.raises(ValueError, match="num_tasks"):
         _setup("toy", "per_task")

@@ -32,7 +32,7 @@ Task ids must lie in [0, T): eagerly (concrete ids) an out-of-range id raises; u
 are traced, so the rows of out-of-range examples become NaN (loud, and local to those rows).
 
 ``merge``/``unmerge`` have no task, so they raise; use ``merge_task``/``unmerge_task`` on one
-kernel or ``merge_params(params, adapters, task)`` on a tree.
+kernel or ``lj.merge(params, adapters, task=task)`` on a tree.
 """
 
 from __future__ import annotations
@@ -42,9 +42,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
-
-from lora_jax import layers, methods, rules
+from lora_jax import layers
 from lora_jax.methods import Adapter, Ctx, lora
 
 
@@ -159,33 +157,9 @@ def unmerge_task(kernel, adapter: Adapter, task: int):
 
 def merge(kernel, adapter: Adapter):
     raise ValueError("MTL-LoRA merges one task at a time: call "
-                     "lora_jax.methods.mtl.merge_params(params, adapters, task)")
+                     "lj.merge(params, adapters, task=task)")
 
 
 def unmerge(kernel, adapter: Adapter):
     raise ValueError("MTL-LoRA unmerges one task at a time: call "
-                     "lora_jax.methods.mtl.unmerge_params(params, adapters, task)")
-
-
-def _fold_task(params, adapters, task: int, fold: str):
-    flat = rules.flatten(nn.meta.unbox(params))
-    for path, adapter in rules.flatten(adapters).items():
-        if path not in flat:
-            raise ValueError(f"adapter for {path!r} has no parameter at that path")
-        if adapter.method == "mtl":
-            fn = merge_task if fold == "merge" else unmerge_task
-            flat[path] = fn(flat[path], adapter, task)
-        else:
-            flat[path] = getattr(methods.get(adapter.method), fold)(flat[path], adapter)
-    return rules.unflatten(flat)
-
-
-def merge_params(params, adapters, task: int):
-    """``lj.merge`` for one task: every MTL-LoRA kernel becomes ``W + s·A Λ_t B̄_t``; adapters of
-    other methods in the tree are merged as ``lj.merge`` would."""
-    return _fold_task(params, adapters, task, "merge")
-
-
-def unmerge_params(params, adapters, task: int):
-    """Inverse of ``merge_params``."""
-    return _fold_task(params, adapters, task, "unmerge")
+                     "lj.unmerge(params, adapters, task=task)")

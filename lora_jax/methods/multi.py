@@ -16,7 +16,7 @@ adapter FLOPs (the same as one LoRA of rank T·r, i.e. as LoRA at an equal param
 many tasks (T·r ≫ 64) gathering A_t per example would be cheaper. Inits are LoRA's per task
 (PEFT's: A kaiming-uniform, B = 0; embeddings A = 0, B ~ N(0, 1)). Task ids are validated as
 MTL-LoRA validates them (``mtl._check_task_ids``; NaN rows for out-of-range ids under ``jit``).
-There is no task-free merge: ``merge_task`` / ``merge_params(params, adapters, task)``.
+There is no task-free merge: ``lj.merge(params, adapters, task=t)``.
 
 **multilora** (Wang et al. 2023, "MultiLoRA: Democratizing LoRA for Better Multi-Task
 Learning"; option ``num_loras`` n, default 3): n parallel LoRAs summed, with learnable scaling,
@@ -40,9 +40,8 @@ from types import SimpleNamespace
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
 
-from lora_jax import layers, rules
+from lora_jax import layers
 from lora_jax.methods import Adapter, Ctx, lora, mtl
 
 
@@ -131,30 +130,7 @@ def unmerge_task(kernel, adapter: Adapter, task: int):
 
 def _no_task_merge(kernel, adapter: Adapter):
     raise ValueError("per-task LoRA merges one task at a time: call "
-                     "lora_jax.methods.multi.merge_params(params, adapters, task)")
-
-
-def merge_params(params, adapters, task: int):
-    """The model specialised to ``task``: per-task LoRAs merge their task's LoRA, MTL-LoRA its
-    task's ``A Λ_t B̄_t`` (``mtl.merge_params``), every other adapter as ``lj.merge`` would."""
-    return _fold_task(params, adapters, task, merge_task, mtl.merge_params)
-
-
-def unmerge_params(params, adapters, task: int):
-    """Inverse of ``merge_params``."""
-    return _fold_task(params, adapters, task, unmerge_task, mtl.unmerge_params)
-
-
-def _fold_task(params, adapters, task, fold_one, fold_rest):
-    flat = rules.flatten(adapters)
-    mine = {p: a for p, a in flat.items() if a.method == "per_task"}
-    rest = rules.unflatten({p: a for p, a in flat.items() if p not in mine})
-    out = rules.flatten(fold_rest(nn.meta.unbox(params), rest, task))
-    for path, adapter in mine.items():
-        if path not in out:
-            raise ValueError(f"adapter for {path!r} has no parameter at that path")
-        out[path] = fold_one(out[path], adapter, task)
-    return rules.unflatten(out)
+                     "lj.merge(params, adapters, task=task)")
 
 
 # ----------------------------------------------------------------------------- multilora
@@ -206,6 +182,7 @@ def unmerge_multilora(kernel, adapter: Adapter):
 
 # The registry's view: each baseline as a method "module" with the protocol's four names.
 per_task = SimpleNamespace(init=init_per_task, output=output_per_task, merge=_no_task_merge,
-                           unmerge=_no_task_merge)
+                           unmerge=_no_task_merge, merge_task=merge_task,
+                           unmerge_task=unmerge_task)
 multilora = SimpleNamespace(init=init_multilora, output=output_multilora, merge=merge_multilora,
                             unmerge=unmerge_multilora)

@@ -27,7 +27,6 @@ import optax
 import lora_jax as lj
 from lora_jax import data as D
 from lora_jax import distributed, io, models, sharding
-from lora_jax.methods import multi
 from lora_jax.sparsity import schedule as losa_schedule
 from lora_jax.train import checkpoint
 from lora_jax.train.config import (BaseConfig, DataConfig, Experiment, ModelConfig, OptimConfig,
@@ -257,7 +256,7 @@ def setup_method(cfg: Experiment, model, params, example) -> Setup:
         if cfg.mtl.export_merged and cfg.method in ("mtl", "per_task"):
             for t, name in enumerate(cfg.data.tasks):  # one merged model per task
                 io.save_params(workdir / "merged" / f"{name}.msgpack",
-                               multi.merge_params(frozen["params"], adapters, t))
+                               lj.merge(frozen["params"], adapters, task=t))
 
     return Setup(trainable, {"params": params, "state": state}, forward, tx, export)
 

@@ -31,11 +31,12 @@ CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py")
 
 
 def tiny(cfg: Experiment, steps: int = 2) -> Experiment:
-    """Shrinks any experiment to a few seconds: a 2-layer d=32 model from a random init."""
+    """Shrinks any experiment to a few seconds: a 2-layer d=32 model from a random init (d=64
+    when the adapter rank needs it: rank <= min(d_in, d_out))."""
+    overrides = TINY_OVERRIDES[cfg.model.family] + (",d_model=64" if cfg.adapter.rank > 32 else "")
     return dataclasses.replace(
         cfg,
-        model=dataclasses.replace(cfg.model, preset="tiny", overrides=TINY_OVERRIDES[cfg.model.family],
-                                  hf_path=""),
+        model=dataclasses.replace(cfg.model, preset="tiny", overrides=overrides, hf_path=""),
         base=dataclasses.replace(cfg.base, source="init"),
         data=dataclasses.replace(cfg.data, n_train_per_task=16, n_eval_per_task=8, seq_len=24),
         train=dataclasses.replace(cfg.train, steps=steps, batch_size=8, eval_every=1000,
