@@ -54,12 +54,6 @@ def get_config(arg: str = ""):
     config = common.get_config()
     config.method = a["method"]
     config.data.tasks = TASKS
-    config.data.seq_len = 32
-    # The base the results below were measured on (the default experiment's until 70cdef8).
-    config.base.pretrain_tasks = ("copy", "reverse", "sort", "add", "kv_recall")
-    config.base.pretrain_steps = 1500
-    config.base.pretrain_lr = 3e-3
-    config.base.pretrain_batch_size = 64
     config.adapter.rank = rank
     config.adapter.alpha = 2.0 * rank
     config.adapter.targets = "all-linear"

@@ -205,9 +205,18 @@ def adapter_logical_specs(adapter: Adapter, kernel_names: tuple, path: str = "")
 
 
 def _quantized_specs(q, names: tuple):
-    """A quantised kernel (a pytree whose fields keep the kernel's axes): same-rank fields take
-    the kernel's names, the others are unsharded."""
-    return jax.tree.map(lambda x: names if np.ndim(x) == len(names) else (None,) * np.ndim(x), q)
+    """A quantised kernel (a pytree whose fields keep the kernel's axes): a field's axis takes the
+    kernel's name where it has the kernel's size (or half of it: the packed NF4 codes); block
+    statistics, whose blocked axis is 64x shorter, are replicated along that axis (they hold
+    1/64 of the kernel's entries, in int8)."""
+    shape = tuple(q.shape)
+
+    def field(x):
+        if np.ndim(x) != len(names):
+            return (None,) * np.ndim(x)
+        return tuple(n if d in (k, k // 2) else None for n, d, k in zip(names, np.shape(x), shape))
+
+    return jax.tree.map(field, q)
 
 
 def logical_specs(tree: Mapping[str, Any], param_specs: Mapping[str, tuple]) -> dict[str, Any]:

@@ -31,9 +31,13 @@ CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py")
 
 
 def tiny(cfg: Experiment, steps: int = 2) -> Experiment:
-    """Shrinks any experiment to a few seconds: a 2-layer d=32 model from a random init (d=64
-    when the adapter rank needs it: rank <= min(d_in, d_out))."""
-    overrides = TINY_OVERRIDES[cfg.model.family] + (",d_model=64" if cfg.adapter.rank > 32 else "")
+    """Shrinks any experiment to a few seconds: a 2-layer d=32 model from a random init, wider
+    when the adapter rank needs it (rank <= min(d_in, d_out) of every adapted kernel)."""
+    overrides = TINY_OVERRIDES[cfg.model.family]
+    width = _width(cfg)
+    if width > 32:
+        overrides += f",d_model={width}" + (f",d_ff={width},n_kv_heads=2"
+                                            if cfg.model.family == "llama" else "")
     return dataclasses.replace(
         cfg,
         model=dataclasses.replace(cfg.model, preset="tiny", overrides=overrides, hf_path=""),
@@ -42,6 +46,10 @@ def tiny(cfg: Experiment, steps: int = 2) -> Experiment:
         train=dataclasses.replace(cfg.train, steps=steps, batch_size=8, eval_every=1000,
                                   log_every=1, checkpoint_every=1000, eval_batch_size=16),
     )
+
+
+def _width(cfg: Experiment) -> int:
+    return max(32, cfg.adapter.rank)
 
 
 def load_config(name: str, arg: str = ""):
@@ -55,16 +63,38 @@ def test_every_config_builds_and_trains_one_step(name, tmp_path):
     assert summary["steps"] == 1 and np.isfinite(summary["final_eval_loss"])
 
 
+def _structure(cfg: Experiment) -> tuple:
+    """What decides the compiled program's shapes and code paths, as opposed to the scalar
+    hyperparameters (lr, alpha, τ, β, target sparsity, ...) that only change constants in it."""
+    a, s, m = cfg.adapter, cfg.sparsity, cfg.mtl
+    return (cfg.method, cfg.model.family, cfg.model.scan_layers, _width(cfg), a.targets, a.init,
+            a.modules_to_save, a.lora_plus_ratio > 0, cfg.quant.kind, s.pattern, s.masked,
+            s.layerwise, s.pruner, m.num_up, m.diagonal, m.num_loras)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", CONFIGS)
 def test_every_sweep_point_builds_and_trains_one_step(name, tmp_path):
+    """Every point is built (config -> dataclasses -> adapters on the tiny model); one training
+    step runs for every point with a distinct program structure (see ``_structure``)."""
     module = importlib.import_module(f"configs.{name}")
     points = module.get_sweep("")
     assert points, f"configs/{name}.py has an empty sweep"
+    ran = set()
     for i, overrides in enumerate(points):
         config = common.apply_overrides(module.get_config(""), overrides)
         cfg = tiny(from_dict(Experiment, config.to_dict()), steps=1)
-        assert train_and_evaluate(cfg, tmp_path / str(i))["steps"] == 1
+        if cfg.method != "full":
+            tok = trainer.D.get_tokenizer(cfg.data.tokenizer)
+            model, _, _ = trainer.build_model(cfg.model, tok.vocab_size)
+            example = jnp.zeros((1, cfg.data.seq_len), jnp.int32)
+            params = jax.eval_shape(lambda: trainer.base_params(cfg, model, None, example))
+            layouts = trainer.lj.trace_layouts(model, params, example)
+            jax.eval_shape(lambda p: trainer.lj.init_adapters(
+                p, trainer.adapter_spec(cfg), jax.random.key(0), layouts=layouts), params)
+        if _structure(cfg) not in ran:
+            ran.add(_structure(cfg))
+            assert train_and_evaluate(cfg, tmp_path / str(i))["steps"] == 1
 
 
 def _lora_tiny(**train):
