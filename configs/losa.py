@@ -17,7 +17,9 @@ pattern ('' or '2:4'), steps, variant ('losa' | 'prune_lora' | 'prune_masked').
 merge is dense); ``'prune_masked'``: the same with masked adapters. "Pruned without fine-tuning"
 is logged by every run as ``losa[0].eval_after_prune`` of a T = 1 run in summary.json.
 
-Results on this 2-core CPU: see docs/losa.md.
+Results (default experiment, 400 steps, one seed; docs/losa.md has the table and what it does
+not show): LoSA at S=0.7 ends with a merged model of measured sparsity 0.697 at 0.609 mean
+accuracy (dense base 0.000); pruned once + plain LoRA reaches 0.637 but merges dense.
 """
 
 from configs import common
