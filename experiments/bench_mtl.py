@@ -14,7 +14,6 @@ per method is reported. Adapters are made non-zero (B ≠ 0) so no work is skipp
 from __future__ import annotations
 
 import json
-import re
 import statistics
 import sys
 import time
@@ -26,6 +25,7 @@ import optax
 from absl import app, flags
 
 import lora_jax as lj
+from experiments.benchlib import peak_mib, write_section
 from lora_jax.models import get_model
 
 _PRESET = flags.DEFINE_string("preset", "small", "GPT-2 preset (lora_jax.models.gpt2_config).")
@@ -45,22 +45,8 @@ OPTIONS = {"lora": lambda t: (), "mtl": lambda t: (("num_tasks", t), ("num_up", 
 
 
 # The next two as in experiments/bench.py, which defines its flags at import (so is not imported).
-def peak_mib(jitted, *args) -> float:
-    """XLA's peak for one call of the compiled step: arguments + outputs + temporaries − aliases."""
-    m = jitted.lower(*args).compile().memory_analysis()
-    peak = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-            - m.alias_size_in_bytes)
-    return peak / 2**20
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replaces (or appends) the section that starts with the same '## ' heading."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    heading = section.splitlines()[0]
-    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(section + "\n", text) if pattern.search(text) else \
-        text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
 
 
 def run() -> dict:

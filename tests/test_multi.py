@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
+from toys import ConvNet, Stack
 
 import lora_jax as lj
 from lora_jax import rules
@@ -31,26 +32,10 @@ class Toy(nn.Module):
         return nn.Dense(10, name="head")(jnp.tanh(h))
 
 
-class ConvNet(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        x = nn.Conv(8, (3, 3), strides=(2, 2), padding="SAME", name="conv")(x)
-        return nn.Dense(4, name="head")(x.reshape(x.shape[0], -1))
 
 
-class Block(nn.Module):
-    @nn.compact
-    def __call__(self, x, _):
-        h = nn.DenseGeneral((2, 8), name="up")(x)
-        return x + nn.DenseGeneral(16, axis=(-2, -1), name="down")(jnp.tanh(h)), None
 
 
-class Stack(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        blocks = nn.scan(Block, variable_axes={"params": 0, "lora": 0},
-                         split_rngs={"params": True}, length=3)
-        return blocks(name="blocks")(x, None)[0]
 
 
 B = 6

@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 from flax import linen as nn
+from toys import ConvNet, Stack
 
 import lora_jax as lj
 from lora_jax import rules
@@ -34,27 +35,10 @@ class Tied(nn.Module):
         return embed.attend(jnp.tanh(nn.Dense(16, name="mid")(embed(ids))))
 
 
-class ConvNet(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        x = nn.Conv(8, (3, 3), strides=(2, 2), padding="SAME", name="conv")(x)
-        return nn.Dense(4, name="head")(x.reshape(x.shape[0], -1))
 
 
-class Block(nn.Module):
-    @nn.compact
-    def __call__(self, x, _):
-        h = nn.DenseGeneral((2, 8), name="up")(x)
-        return x + nn.DenseGeneral(16, axis=(-2, -1), name="down")(jnp.tanh(h)), None
 
 
-class Stack(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        layers = nn.scan(Block, variable_axes={"params": 0, "lora": 0},
-                         split_rngs={"params": True}, length=3)
-        x, _ = layers(name="blocks")(x, None)
-        return x
 
 
 ALL = (r"embed/embedding", r"(query|value|out|ein|head)/kernel")
