@@ -7,32 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
-from toys import ConvNet, Stack
+from toys import ConvNet, PermutedToy, Stack
 
 import lora_jax as lj
 from lora_jax import rules
 
 T = 3
-
-
-class Toy(nn.Module):
-    """Embed, multi-axis DenseGeneral (in and out), an Einsum with permuted output, Dense."""
-
-    @nn.compact
-    def __call__(self, ids):
-        x = nn.Embed(50, 16, name="embed")(ids)
-        q = nn.DenseGeneral((2, 4), name="query")(x)
-        h = nn.DenseGeneral(16, axis=(-2, -1), name="out")(jnp.tanh(q))
-        h = nn.Einsum((16, 3, 8), "btd,dnh->bnth", name="ein")(h)
-        h = jnp.moveaxis(h, 1, 2).reshape(h.shape[0], h.shape[2], 24)
-        return nn.Dense(10, name="head")(jnp.tanh(h))
-
-
-
-
-
-
 
 
 B = 6
@@ -41,7 +21,7 @@ IMG = jax.random.normal(jax.random.key(4), (B, 8, 8, 3))
 SEQ = jax.random.normal(jax.random.key(5), (B, 4, 16))
 TASKS = jnp.array([0, 1, 2, 1, 0, 2])
 CASES = {
-    "toy": (Toy(), IDS, (r"embed/embedding", r"(query|out|ein|head)/kernel")),
+    "toy": (PermutedToy(), IDS, (r"embed/embedding", r"(query|out|ein|head)/kernel")),
     "conv": (ConvNet(), IMG, (r"(conv|head)/kernel",)),
     "scan": (Stack(), SEQ, (r"blocks/(up|down)/kernel",)),
 }

@@ -8,8 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
-from toys import ConvNet, Stack
+from toys import ConvNet, PermutedToy, Stack
 
 import lora_jax as lj
 from lora_jax import rules
@@ -19,29 +18,10 @@ from lora_jax.train import Experiment, trainer
 T = 3
 
 
-class Toy(nn.Module):
-    """Embed, multi-axis DenseGeneral (in and out), an Einsum with permuted output, Dense."""
-
-    @nn.compact
-    def __call__(self, ids):
-        x = nn.Embed(50, 16, name="embed")(ids)
-        q = nn.DenseGeneral((2, 4), name="query")(x)
-        h = nn.DenseGeneral(16, axis=(-2, -1), name="out")(jnp.tanh(q))
-        h = nn.Einsum((16, 3, 8), "btd,dnh->bnth", name="ein")(h)
-        h = jnp.moveaxis(h, 1, 2).reshape(h.shape[0], h.shape[2], 24)
-        return nn.Dense(10, name="head")(jnp.tanh(h))
-
-
-
-
-
-
-
-
 B = 6
 TASKS = jnp.array([0, 1, 2, 1, 0, 2])
 CASES = {
-    "toy": (Toy(), jax.random.randint(jax.random.key(3), (B, 5), 0, 50),
+    "toy": (PermutedToy(), jax.random.randint(jax.random.key(3), (B, 5), 0, 50),
             (r"embed/embedding", r"(query|out|ein|head)/kernel")),
     "conv": (ConvNet(), jax.random.normal(jax.random.key(4), (B, 8, 8, 3)),
              (r"(conv|head)/kernel",)),
