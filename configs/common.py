@@ -8,13 +8,32 @@ import ast
 
 import ml_collections
 
+from lora_jax import methods
 from lora_jax.train.config import Experiment, to_dict
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    """``Experiment()`` as a ConfigDict."""
+    """``Experiment()`` as a ConfigDict, with LoRA's arguments in ``method_args``."""
     del arg
-    return ml_collections.ConfigDict(to_dict(Experiment()))
+    config = ml_collections.ConfigDict(to_dict(Experiment()))
+    return set_method(config, "lora")
+
+
+def set_method(config: ml_collections.ConfigDict, name: str, *also: str, **args):
+    """``config.method = name`` with ``config.method_args`` holding the arguments of ``name`` and
+    of the methods in ``also`` (a config that sweeps several methods holds their union; each run
+    passes its method the ones it takes) at their defaults, updated with ``args``. So
+    ``--config.method_args.init_weights=pissa`` works and a misspelled argument fails."""
+    union = {}
+    for n in (name, *also):
+        for k, v in methods.arguments(n).items():
+            union.setdefault(k, v)
+    unknown = sorted(set(args) - set(union))
+    if unknown:
+        raise KeyError(f"method args {unknown} are not arguments of {[name, *also]}")
+    config.method = name
+    config.method_args = ml_collections.ConfigDict({**union, **args})
+    return config
 
 
 def parse_arg(arg: str, **defaults) -> dict:

@@ -7,10 +7,16 @@
 Rerunning the same command resumes from the workdir's newest checkpoint.
 """
 
+import signal
+
+_EARLY_SIGTERM = []  # a SIGTERM during the imports below: the trainer checkpoints and exits 0
+signal.signal(signal.SIGTERM, lambda *_: _EARLY_SIGTERM.append(True))
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from lora_jax.train import Experiment, from_dict, train_and_evaluate
+from lora_jax.train import Experiment, from_dict, train_and_evaluate  # noqa: E402
+from lora_jax.train.trainer import PREEMPTION  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
                                           lock_config=True)
@@ -23,6 +29,9 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    PREEMPTION.install()
+    if _EARLY_SIGTERM:
+        PREEMPTION.request()
     cfg = from_dict(Experiment, _CONFIG.value.to_dict())
     train_and_evaluate(cfg, _WORKDIR.value)
 

@@ -1,7 +1,7 @@
 """Saving and loading adapters and parameter trees as files (msgpack arrays + a JSON spec).
 
 An exported adapter is a directory with ``adapters.msgpack`` (the arrays, keyed by kernel path)
-and ``spec.json`` (per path: method, scale, layout, dropout, options; plus free-form metadata such
+and ``spec.json`` (per path: method name and arguments, scale, layout, dropout; plus free-form metadata such
 as the ``LoraSpec`` and the model it was trained on). ``load_adapters`` rebuilds the ``Adapter``
 nodes and, given the base parameters, checks every path and shape before anything runs. PEFT's
 safetensors format lives in ``interop/``; training checkpoints (orbax) in ``train/``.
@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from flax import serialization
 
-from lora_jax import rules
+from lora_jax import methods, rules
 from lora_jax.layers import Layout
 from lora_jax.methods import Adapter
 
@@ -40,12 +40,23 @@ def save_adapters(directory: str | os.PathLike, adapters, metadata: Mapping[str,
     flat = rules.flatten(adapters)
     arrays = {p: {"params": jax.device_get(a.params), "state": jax.device_get(a.state)}
               for p, a in flat.items()}
-    spec = {p: {"method": a.method, "scale": a.scale, "dropout": a.dropout,
-                "options": [list(o) for o in a.options], "layout": dataclasses.asdict(a.layout)}
+    spec = {p: {"method": a.method.name, "args": _method_args(a.method), "scale": a.scale,
+                "dropout": a.dropout, "layout": dataclasses.asdict(a.layout)}
             for p, a in flat.items()}
     _atomic_write(out / ARRAYS, serialization.msgpack_serialize(arrays))
     _atomic_write(out / SPEC, json.dumps({"adapters": spec, "metadata": dict(metadata)},
                                          indent=1, default=str).encode())
+
+
+def _method_args(method) -> dict:
+    return {f.name: getattr(method, f.name) for f in dataclasses.fields(method)}
+
+
+def _method(meta: Mapping[str, Any]):
+    """The method object of one spec entry (files of lora_jax <= 0.1 stored 'options' pairs)."""
+    args = meta.get("args", dict(map(tuple, meta.get("options", ()))))
+    name = {"full": "saved"}.get(meta["method"], meta["method"])
+    return methods.make(name, **args)
 
 
 def _layout(d: Mapping[str, Any]) -> Layout:
@@ -72,8 +83,7 @@ def load_adapters(directory: str | os.PathLike, params: Mapping[str, Any] | None
             raise ValueError(f"{src / ARRAYS} has no arrays for {path!r}")
         flat[path] = Adapter(
             dict(arrays[path].get("params", {})), dict(arrays[path].get("state", {})),
-            meta["method"], meta["scale"], _layout(meta["layout"]), meta["dropout"],
-            tuple(tuple(o) for o in meta["options"]))
+            _method(meta), meta["scale"], _layout(meta["layout"]), meta["dropout"])
     adapters = rules.unflatten(flat)
     if params is not None:
         check_fits(params, adapters)
@@ -87,7 +97,7 @@ def check_fits(params: Mapping[str, Any], adapters) -> None:
         if path not in flat:
             raise ValueError(f"adapter path {path!r} is not in the parameters")
         shape = tuple(np.shape(flat[path]))[a.layout.n_stack:]
-        if a.method != "full" and shape != a.layout.kernel_shape:
+        if a.layout.kind != "full" and shape != a.layout.kernel_shape:
             raise ValueError(f"adapter for {path!r} expects kernel {a.layout.kernel_shape}, "
                              f"the parameters have {shape}")
 

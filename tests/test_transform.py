@@ -1,5 +1,7 @@
 """Core transform invariants: B=0 is the base, factored == materialised == merged, unmerge, errors."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -162,11 +164,15 @@ def test_lora_plus_scales_b_updates():
     model, x, targets = CASES["toy"]
     params, adapters = _setup(model, x, targets)
     adapters = _randomize(adapters)
+    _, with_plus = _setup(model, x, targets, method=lj.methods.lora(lora_plus_ratio=16.0))
+    with_plus = _randomize(with_plus)
     grads = jax.grad(lambda a: jnp.sum(lj.apply(model, params, a, x) ** 2))(adapters)
     plain = lj.adapter_optimizer(optax.sgd(0.1), adapters)
-    plus = lj.adapter_optimizer(optax.sgd(0.1), adapters, lora_plus_ratio=16.0)
+    plus = lj.adapter_optimizer(optax.sgd(0.1), with_plus)
+    plus_grads = jax.tree.map(lambda a, g: dataclasses.replace(a, params=g.params), with_plus,
+                              grads, is_leaf=lj.methods.is_adapter)
     u0, _ = plain.update(grads, plain.init(adapters), adapters)
-    u1, _ = plus.update(grads, plus.init(adapters), adapters)
+    u1, _ = plus.update(plus_grads, plus.init(with_plus), with_plus)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(u0), jax.tree.leaves(u1)):
         ratio = 16.0 if path[-1].key == "b" else 1.0
         np.testing.assert_allclose(b, ratio * a, rtol=1e-6)
@@ -176,7 +182,7 @@ def test_modules_to_save_trains_the_head_fully():
     model, x, targets = CASES["toy"]
     params, adapters = _setup(model, x, (r"query/kernel",), modules_to_save=(r"head/.*",))
     flat = rules.flatten(adapters)
-    assert flat["head/kernel"].method == "full" and flat["head/bias"].method == "full"
+    assert flat["head/kernel"].method.name == "saved" and flat["head/bias"].method.name == "saved"
     adapters = _randomize(adapters)
     np.testing.assert_allclose(lj.apply(model, params, adapters, x),
                                model.apply({"params": lj.merge(params, adapters)}, x), atol=1e-5)
@@ -211,7 +217,8 @@ def test_inits():
     a = d["l"]["kernel"].params["a"]
     assert np.abs(a).max() <= 1 / np.sqrt(64) and np.abs(a).max() > 0.9 / np.sqrt(64)
     assert not np.any(d["l"]["kernel"].params["b"])
-    g = lj.init_adapters(params, lj.LoraSpec(rank=8, targets=("l/kernel",), init="gaussian"),
+    g = lj.init_adapters(params, lj.LoraSpec(rank=8, targets=("l/kernel",),
+                                                 method=lj.methods.lora(init_weights="gaussian")),
                          jax.random.key(1))
     assert abs(np.std(g["l"]["kernel"].params["a"]) - 1 / 8) < 0.02
 
@@ -219,9 +226,10 @@ def test_inits():
 def test_pissa_residual_plus_principal_is_the_kernel():
     w = jax.random.normal(jax.random.key(0), (24, 16))
     params = {"l": {"kernel": w}}
-    spec = lj.LoraSpec(rank=4, alpha=8.0, targets=("l/kernel",), init="pissa")
+    spec = lj.LoraSpec(rank=4, alpha=8.0, targets=("l/kernel",),
+                       method=lj.methods.lora(init_weights="pissa"))
     adapters = lj.init_adapters(params, spec, jax.random.key(1))
-    residual = lj.unmerge(params, adapters)
+    residual, _ = lj.transform_base(params, adapters)
     np.testing.assert_allclose(lj.merge(residual, adapters)["l"]["kernel"], w, atol=1e-5)
     u, s, vh = np.linalg.svd(np.asarray(w), full_matrices=False)
     principal = (u[:, :4] * s[:4]) @ vh[:4]

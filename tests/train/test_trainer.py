@@ -66,10 +66,11 @@ def test_every_config_builds_and_trains_one_step(name, tmp_path):
 def _structure(cfg: Experiment) -> tuple:
     """What decides the compiled program's shapes and code paths, as opposed to the scalar
     hyperparameters (lr, alpha, τ, β, target sparsity, ...) that only change constants in it."""
-    a, s, m = cfg.adapter, cfg.sparsity, cfg.mtl
-    return (cfg.method, cfg.model.family, cfg.model.scan_layers, _width(cfg), a.targets, a.init,
-            a.modules_to_save, a.lora_plus_ratio > 0, cfg.quant.kind, s.pattern, s.masked,
-            s.layerwise, s.pruner, m.num_up, m.diagonal, m.num_loras)
+    a, m = cfg.adapter, cfg.method_args
+    return (cfg.method, cfg.model.family, cfg.model.scan_layers, _width(cfg), a.targets,
+            a.modules_to_save, cfg.quant.kind, m.get("init_weights"), m.get("lora_plus_ratio", 0) > 0,
+            m.get("pattern"), m.get("masked"), m.get("layerwise"), m.get("pruner"), m.get("num_up"),
+            m.get("diagonal"), m.get("num_loras"))
 
 
 @pytest.mark.slow
@@ -84,7 +85,7 @@ def test_every_sweep_point_builds_and_trains_one_step(name, tmp_path):
     for i, overrides in enumerate(points):
         config = common.apply_overrides(module.get_config(""), overrides)
         cfg = tiny(from_dict(Experiment, config.to_dict()), steps=1)
-        if cfg.method != "full":
+        if not cfg.full_finetune:
             tok = trainer.D.get_tokenizer(cfg.data.tokenizer)
             model, _, _ = trainer.build_model(cfg.model, tok.vocab_size)
             example = jnp.zeros((1, cfg.data.seq_len), jnp.int32)
@@ -109,14 +110,14 @@ def test_step_does_not_recompile():
     train, _, _ = trainer.load_data(cfg.data, tok)
     example = jnp.zeros((1, cfg.data.seq_len), jnp.int32)
     params = trainer.base_params(cfg, model, None, example)
-    setup = trainer.setup_method(cfg, model, params, example)
+    setup = trainer.make_setup(cfg, model, params, example)
     train_step, _ = trainer.make_steps(setup)
     t, o = setup.trainable, setup.tx.init(setup.trainable)
     loader = trainer.D.ArrayLoader(train, 8, seed=0)
     losses = []
     for step in range(3):
-        t, o, loss = train_step(t, o, setup.frozen, loader.batch(step), jax.random.key(step))
-        losses.append(float(loss))
+        t, o, out = train_step(t, o, setup.frozen, loader.batch(step), jax.random.key(step))
+        losses.append(float(out["loss"]))
     assert train_step._cache_size() == 1
     assert losses[-1] < losses[0]
 
