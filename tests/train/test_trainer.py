@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import jax
+import optax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -235,3 +236,25 @@ def test_config_arg_typo_is_an_error():
         load_config("lora", "rnak=4")
     with pytest.raises(KeyError, match="no such field"):
         common.apply_overrides(load_config("lora"), {"adapter.rnak": 4})
+
+
+def test_lora_plus_is_clipped_once_over_every_trainable_leaf():
+    """LoRA+ puts B in its own optimizer group; the gradient clip must still be one global norm
+    over A and B together (clipping inside each group would clip them separately)."""
+    cfg = _lora_tiny()
+    cfg = dataclasses.replace(cfg, method_args={**cfg.method_args, "lora_plus_ratio": 4.0},
+                              optim=dataclasses.replace(cfg.optim, grad_clip=1e-3, name="sgd",
+                                                        b1=0.0, warmup_steps=0,
+                                                        schedule="constant"))
+    tok = trainer.D.get_tokenizer("byte")
+    model, _, _ = trainer.build_model(cfg.model, tok.vocab_size)
+    example = jnp.zeros((1, cfg.data.seq_len), jnp.int32)
+    params = trainer.base_params(cfg, model, None, example)
+    setup = trainer.make_setup(cfg, model, params, example)
+    grads = jax.tree.map(jnp.ones_like, setup.trainable)
+    _, state = setup.tx.update(grads, setup.tx.init(setup.trainable), setup.trainable)
+    updates, _ = setup.tx.update(grads, state, setup.trainable)  # past the 1-step warm-up
+    norm = float(optax.global_norm(grads))
+    for (path, g), u in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(updates)):
+        ratio = 4.0 if path[-1].key == "b" else 1.0
+        np.testing.assert_allclose(u, -cfg.optim.lr * ratio * g * 1e-3 / norm, rtol=1e-5)
