@@ -163,6 +163,7 @@ class Checkpoints:
         self.directory = Path(directory).absolute()
         self.info = None if info is None else _json_plain(info)
         self.log = log
+        self.async_save = async_save
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -200,6 +201,8 @@ class Checkpoints:
                 "leaves": {k: {**_leaf_spec(x), "checksum": sums[k]} for k, x in flat.items()}}
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(flat), meta=ocp.args.JsonSave(meta)), force=True)
+        if not self.async_save:  # rotation is done: remove what it renamed away
+            self._empty_trash()
         return True
 
     def _read(self, step: int, flat: dict) -> dict:
