@@ -258,3 +258,17 @@ def test_sigkill_at_random_moments_never_leaves_a_bad_listed_step(tmp_path, monk
     for s in c.steps():  # every listed step is intact, not only the newest
         c._read(s, flat)
     c.close()
+
+
+def test_identity_is_checked_and_recorded_facts_are_not(tmp_path):
+    identity = {"method": "lora", "adapter": {"rank": 8}}
+    first = checkpoint.check_identity(tmp_path, identity, {"data": {"t.jsonl": "sha256:aa"}})
+    assert first == {"data": {"t.jsonl": "sha256:aa"}}
+    again = checkpoint.check_identity(tmp_path, identity, {"data": {"t.jsonl": "sha256:bb"}})
+    assert again == first  # the first run's record, for the caller to compare
+    with pytest.raises(ValueError, match=r"adapter.rank: 8 in the workdir, 4 now"):
+        checkpoint.check_identity(tmp_path, {"method": "lora", "adapter": {"rank": 4}})
+    (tmp_path / "run.json").write_text('{"method": ')
+    with pytest.raises(ValueError, match=r"run.json is truncated or corrupt .*it is the run's "
+                                         r"identity: delete it"):
+        checkpoint.check_identity(tmp_path, identity)
