@@ -164,6 +164,7 @@ class Checkpoints:
         self.info = None if info is None else _json_plain(info)
         self.log = log
         self.async_save = async_save
+        self._intact: set[int] = set()  # steps this object saved or verified
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -183,11 +184,14 @@ class Checkpoints:
         """Writes ``tree`` as ``step``; False if an intact ``step`` is already there.
 
         An existing ``step`` that is corrupt is replaced (so a damaged final step is repaired);
-        one saved from a different structure raises ``CheckpointMismatch``.
+        one saved from a different structure raises ``CheckpointMismatch``. A step that this
+        object wrote or restored is not read back.
         """
         self.wait()
         self._empty_trash()
         flat, _ = flatten_by_path(tree)
+        if step in self._intact and step in self.manager.all_steps():
+            return False
         if step in self.manager.all_steps():
             try:
                 self._read(step, flat)
@@ -201,6 +205,7 @@ class Checkpoints:
                 "leaves": {k: {**_leaf_spec(x), "checksum": sums[k]} for k, x in flat.items()}}
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(flat), meta=ocp.args.JsonSave(meta)), force=True)
+        self._intact.add(step)
         if not self.async_save:  # rotation is done: remove what it renamed away
             self._empty_trash()
         return True
@@ -266,6 +271,7 @@ class Checkpoints:
                 self.log(f"checkpoint {step} is unusable ({e}); trying an older step")
                 reasons.append(f"step {step}: {e}")
                 continue
+            self._intact.add(step)
             return step, jax.tree_util.tree_unflatten(treedef, [got[k] for k in flat])
         if reasons:
             raise RuntimeError(f"no checkpoint in {self.directory} can be restored "

@@ -155,7 +155,9 @@ def test_a_corrupt_final_step_is_saved_again(tmp_path):
     c = _ckpts(tmp_path, lines=lines)
     c.save(1, _big_state(1))
     c.save(2, _big_state(2))
+    c.close()
     _flip_bytes(tmp_path / "2")
+    c = _ckpts(tmp_path, lines=lines)  # a rerun, as after a kill
     assert c.save(2, _big_state(2))  # re-written, not skipped
     assert lines[0].startswith("checkpoint 2 is corrupt (") and "saving it again" in lines[0]
     lines.clear()
