@@ -210,6 +210,21 @@ class Checkpoints:
             self._empty_trash()
         return True
 
+    def _check_structure(self, step: int, meta: dict, flat: dict) -> None:
+        """Raises ``CheckpointMismatch`` naming what differs between ``meta`` and ``flat``."""
+        diffs = _structure_diffs(meta["leaves"], flat)
+        if self.info is not None and meta["info"] != self.info:
+            keys = sorted(k for k in set(meta["info"]) | set(self.info)
+                          if meta["info"].get(k) != self.info.get(k))
+            diffs.append(f"info {keys} is {[meta['info'].get(k) for k in keys]} in the "
+                         f"checkpoint, {[self.info.get(k) for k in keys]} now")
+        if diffs:
+            more = f" (+{len(diffs) - 6} more)" if len(diffs) > 6 else ""
+            raise CheckpointMismatch(
+                f"checkpoint {step} in {self.directory} does not match the state to restore: "
+                f"{'; '.join(diffs[:6])}{more}. The model, method or config changed since it was "
+                "saved: use a new --workdir, or the configuration it was saved with.")
+
     def _read(self, step: int, flat: dict) -> dict:
         """The verified ``{path: array}`` of ``step``, placed like ``flat``'s leaves.
 
@@ -223,18 +238,7 @@ class Checkpoints:
             reason = f"metadata unreadable: {_short(e)}"
         if not _all_agree(isinstance(meta, dict) and meta.get("format") == FORMAT):
             raise _Unusable(reason)
-        diffs = _structure_diffs(meta["leaves"], flat)
-        if self.info is not None and meta["info"] != self.info:
-            keys = sorted(k for k in set(meta["info"]) | set(self.info)
-                          if meta["info"].get(k) != self.info.get(k))
-            diffs.append(f"info {keys} is {[meta['info'].get(k) for k in keys]} in the "
-                         f"checkpoint, {[self.info.get(k) for k in keys]} now")
-        if diffs:
-            more = f" (+{len(diffs) - 6} more)" if len(diffs) > 6 else ""
-            raise CheckpointMismatch(
-                f"checkpoint {step} in {self.directory} does not match the state to restore: "
-                f"{'; '.join(diffs[:6])}{more}. The model, method or config changed since it was "
-                "saved: use a new --workdir, or the configuration it was saved with.")
+        self._check_structure(step, meta, flat)
         abstract = {k: jax.ShapeDtypeStruct(np.shape(x), x.dtype,
                                             sharding=getattr(x, "sharding", None))
                     for k, x in flat.items()}  # restored with the live run's shardings
