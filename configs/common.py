@@ -100,14 +100,18 @@ def split_size(arg: str, default: str = "full") -> tuple[str, str]:
     return default, arg or ""
 
 
-def apply_size(config: ml_collections.ConfigDict, size: str) -> ml_collections.ConfigDict:
-    """Denser evals for 'small' runs, so their short eval-loss curves have points to show.
+SMALL_LOG_EVERY = 5  # a 'small' run's train loss points: >= 10 even for a 60-step sweep
 
-    (Not denser logging: ``train.log_every`` is part of the cached base model's key, so changing it
-    would pretrain a second base.)
+
+def apply_size(config: ml_collections.ConfigDict, size: str) -> ml_collections.ConfigDict:
+    """Denser evals and logging for 'small' runs, so their short loss curves have points to show.
+
+    Neither is part of the cached base model's key: ``trainer.pretrain_experiment`` builds the
+    base's own ``TrainConfig`` from ``base.*`` fields only (tested in tests/train/test_cli.py).
     """
     if size == "small":
         config.train.eval_every = 25
+        config.train.log_every = SMALL_LOG_EVERY
     return config
 
 
@@ -165,7 +169,7 @@ def did_you_mean(dotted: str, paths: list[str]) -> str:
 
 
 def load_config(config_arg: str) -> ml_collections.ConfigDict:
-    """``'configs/lora.py:small'`` -> that file's ``get_config('small')``, as ``--config=`` would."""
+    """``'configs/lora.py:small'`` -> the file's ``get_config('small')``, as ``--config=`` would."""
     path, sep, arg = config_arg.partition(":")
     if not Path(path).is_file():
         raise FileNotFoundError(f"config file {path!r} not found")
@@ -176,8 +180,8 @@ def load_config(config_arg: str) -> ml_collections.ConfigDict:
 
 
 def _config_flags(argv: list[str]) -> tuple[str | None, list[str]]:
-    """``(config arg, ['optim.lr', ...])`` from an argv: the ``--config`` value and the fields of the
-    ``--config.a.b=v`` items."""
+    """``(config arg, ['optim.lr', ...])`` from an argv: the ``--config`` value and the fields of
+    the ``--config.a.b=v`` items."""
     config, fields = None, []
     for i, item in enumerate(argv):
         name, sep, value = item.partition("=")

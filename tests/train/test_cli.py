@@ -120,3 +120,17 @@ def test_sweep_checks_its_shared_config_flags_too(tmp_path):
     assert proc.stderr.splitlines() == [
         "error: --config.adapter.rnak: no such config field; did you mean 'adapter.rank'? "
         "(--helpshort lists the fields)"]
+
+
+def test_small_runs_log_often_and_share_the_full_runs_base():
+    """>= 10 train-loss points for a 60-step 'small' sweep, and the denser logging does not change
+    the pretrained base's cache key (``pretrain_experiment`` builds its own TrainConfig)."""
+    from lora_jax.train import from_dict
+    from lora_jax.train.trainer import pretrain_experiment
+
+    small = common.load_config("configs/lora.py:small")
+    full = common.load_config("configs/lora.py")
+    assert 60 // small.train.log_every >= 10
+    assert small.train.log_every != full.train.log_every
+    bases = [pretrain_experiment(from_dict(Experiment, c.to_dict())) for c in (small, full)]
+    assert bases[0] == bases[1]
