@@ -252,9 +252,9 @@ def to_text(columns: list[str], rows: list[list[Any]], n_axes: int = 0,
             width: int = _WIDTH) -> str:
     """The table for a terminal: short headers, aligned, at most ``width`` characters a line.
 
-    The run column goes when ``n_axes`` axis columns name the runs; long values are cut with '…'; while the
-    table is too wide, per-task accuracies and then the less central columns are left out, and a
-    last line says which (report.md and report.csv have them all)."""
+    The run column goes when ``n_axes`` axis columns name the runs; long values are cut with '…';
+    while the table is too wide, per-task accuracies and then the less central columns are left
+    out, and a last line says which (report.md and report.csv have them all)."""
     cells = [[_short_value(v) if isinstance(v, str) else _cell(c, v) for c, v in zip(columns, r)]
              for r in rows]
     heads = [_TERSE.get(c, c[4:] if c.startswith("acc ") and c != "acc (mean)" else c)

@@ -1,6 +1,6 @@
-"""Metrics out of a run: ``metrics.jsonl`` (one JSON object per record), TensorBoard events (scalars,
-the config as text and as hparams), and the progress line's rates (steps/s, tokens/s, ETA) from step
-times after compilation. Nothing here computes a metric of the model; the trainer hands them in.
+"""Metrics out of a run: ``metrics.jsonl`` (one JSON object per record), TensorBoard events
+(scalars, the config as text and as hparams), and the progress line's rates (steps/s, tokens/s,
+ETA) from step times after compilation. Nothing here computes a metric of the model; the trainer hands them in.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def _finite_or_none(value: Any) -> Any:
     return value
 
 
-def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, bool | int | float | str]:
+def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """A nested config dict -> ``{'optim.lr': 0.003, 'data.tasks': 'a,b', ...}``: dotted keys,
     values as TensorBoard hparams take them (tuples and lists joined by ',', None as '')."""
     out: dict[str, bool | int | float | str] = {}

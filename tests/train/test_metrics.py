@@ -84,7 +84,8 @@ def test_writer_keeps_json_valid_and_records_the_config(tmp_path):
                           "eta_sec": None}
     assert records[1]["accuracy"] == {"a": 0.5, "mean": None}
     tags = [v.tag for e in _events(tmp_path / "tb") for v in e.summary.value]
-    assert {"train/loss", "train/lr", "train/grad_norm", "eval/loss", "eval/accuracy/a"} <= set(tags)
+    assert {"train/loss", "train/lr", "train/grad_norm", "eval/loss",
+            "eval/accuracy/a"} <= set(tags)
     assert "train/eta_sec" not in tags and "eval/accuracy/mean" not in tags
     assert "_hparams_/experiment" in tags and "_hparams_/session_start_info" in tags
     text = next(v for e in _events(tmp_path / "tb") for v in e.summary.value
