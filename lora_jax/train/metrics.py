@@ -1,6 +1,7 @@
 """Metrics out of a run: ``metrics.jsonl`` (one JSON object per record), TensorBoard events
 (scalars, the config as text and as hparams), and the progress line's rates (steps/s, tokens/s,
-ETA) from step times after compilation. Nothing here computes a metric of the model; the trainer hands them in.
+ETA) from step times after compilation. Nothing here computes a metric of the model; the trainer
+hands them in.
 """
 
 from __future__ import annotations
