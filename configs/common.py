@@ -129,6 +129,17 @@ def field_paths(config: ml_collections.ConfigDict, prefix: str = "") -> list[str
     return out
 
 
+def format_config(config: ml_collections.ConfigDict) -> str:
+    """One ``field = value`` line per field, sorted by name (``--print_config``)."""
+    lines = []
+    for path in field_paths(config):
+        node = config
+        for part in path.split("."):
+            node = node[part]
+        lines.append(f"{path} = {node!r}")
+    return "\n".join(lines)
+
+
 def _initials(name: str) -> str:
     return "".join(w[0] for w in name.split("_") if w)
 
@@ -219,7 +230,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     from absl import app
 
     error = config_flags_error(argv)
-    if error and not any(a.startswith(("-v", "--verbosity")) for a in argv[1:]):
+    if error and not any(a.startswith(("-v", "--v")) for a in argv[1:]):  # -v, --v, --verbosity
         sys.exit(f"error: {error}")
     return app.parse_flags_with_usage(argv)
 

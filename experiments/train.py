@@ -43,8 +43,8 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _PRINT.value:
-        print(_CONFIG.value, end="")
+    if _PRINT.value:  # 'optim.lr = 0.003' lines: what --config.optim.lr=... would change
+        print(common.format_config(_CONFIG.value))
         return
     PREEMPTION.install()
     if _EARLY_SIGTERM:

@@ -264,7 +264,8 @@ def to_text(columns: list[str], rows: list[list[Any]], n_axes: int = 0,
     line_len = lambda idx: sum(max(len(heads[i]), *(len(c[i]) for c in cells)) + 2
                                for i in idx) - 2
     tasks = [i for i, c in enumerate(columns) if c.startswith("acc ") and c != "acc (mean)"]
-    order = tasks[::-1] + [heads.index(h) for h in _DROP_ORDER if h in heads]
+    order = tasks[::-1] + [i for h in _DROP_ORDER for i in range(1 + n_axes, len(heads))
+                           if heads[i] == h]  # never an axis column (a swept 'steps', say)
     dropped = []
     while line_len(keep) > width and order:
         i = order.pop(0)

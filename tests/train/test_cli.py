@@ -78,8 +78,10 @@ def test_print_config_prints_the_resolved_config_and_exits(tmp_path):
                "--config.optim.lr=0.01")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert "  lr: 0.01" in lines and "  rank: 4" in lines
-    assert f"  steps: {common.SMALL_STEPS}" in lines
+    assert "optim.lr = 0.01" in lines and "adapter.rank = 4" in lines
+    assert f"train.steps = {common.SMALL_STEPS}" in lines
+    assert "data.tasks = ('digits_reverse', 'kv_recall')" in lines
+    assert len(lines) == len(common.field_paths(common.get_config()))
 
 
 @pytest.mark.parametrize("verbose", [False, True])
