@@ -223,6 +223,17 @@ def config_flags_error(argv: list[str]) -> str | None:
     return None
 
 
+def describe_method_args() -> str:
+    """Each registered method's ``method_args`` (``--config.method_args.<name>=value``) with their
+    defaults, one wrapped paragraph per method."""
+    lines = [" method_args: the method's keyword arguments (a config holds those of its methods)"]
+    for name in methods.known():
+        args = ", ".join(f"{k}={v!r}" for k, v in methods.arguments(name).items()) or "(none)"
+        lines += textwrap.wrap(f"{name}: {args}", _COLUMNS, initial_indent="  ",
+                               subsequent_indent="      ")
+    return "\n".join(lines)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing (``app.run(main, flags_parser=common.parse_flags)``), after
     ``config_flags_error`` checked the ``--config`` flags: an error there exits with one line,

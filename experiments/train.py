@@ -25,7 +25,8 @@ from lora_jax.train import Experiment, from_dict, train_and_evaluate  # noqa: E4
 from lora_jax.train.trainer import PREEMPTION  # noqa: E402
 
 __doc__ += ("\nConfig fields, with the dataclasses' defaults (a config file may change them;\n"
-            "--print_config shows the values):\n\n" + common.describe_fields() + "\n")
+            "--print_config shows the values):\n\n" + common.describe_fields() + "\n\n"
+            + common.describe_method_args() + "\n")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
                                           lock_config=True)

@@ -48,9 +48,12 @@ def test_field_help_comes_from_the_dataclass_comments():
 
 
 def test_describe_fields_lists_every_field_within_100_columns():
-    text = common.describe_fields(Experiment)
+    text = common.describe_fields(Experiment) + "\n" + common.describe_method_args()
     for path in common.field_paths(common.get_config()):
-        assert f"  {path} = " in text, path
+        if path.startswith("method_args."):  # listed per method: 'lora: init_weights=...'
+            assert f"{path.split('.')[1]}=" in text, path
+        else:
+            assert f"  {path} = " in text, path
     assert max(len(line) for line in text.splitlines()) <= 100
     line = next(l for l in text.splitlines() if l.startswith("  optim.grad_clip = 1.0"))
     assert line.endswith("0 disables clipping")
