@@ -16,7 +16,7 @@ import pytest
 from safetensors.numpy import save_file
 
 import lora_jax as lj
-from lora_jax.models import get_model, load_bert_checkpoint
+from lora_jax.models import get_model, load_bert_checkpoint, stack_layers
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "..", "fixtures", "bert",
                        "minilm_reference.json")
@@ -201,3 +201,52 @@ def test_all_minilm_l6_v2_matches_transformers_hidden_states():
     tok.no_padding()
     assert tok.encode(ref["sentences"][0]).ids == [i for i, m in zip(ref["ids"][0],
                                                                      ref["mask"][0]) if m]
+
+
+# ----------------------------------------------------------------------------- family contract
+
+
+def _tiny(**overrides):
+    model, cfg = get_model("bert", "tiny", vocab_size=40, d_model=32, **overrides)
+    shapes = jax.eval_shape(model.init, jax.random.key(1), IDS)
+    rng = np.random.default_rng(0)
+    fill = lambda x: jnp.asarray(0.3 * rng.standard_normal(x.shape), x.dtype)
+    return model, cfg, shapes, jax.tree.map(fill, lj.transform._unbox(shapes["params"]))
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_every_param_has_logical_names(scan):
+    _, _, shapes, _ = _tiny(scan_layers=scan, head="token")
+    leaves = jax.tree.leaves(shapes["params"], is_leaf=lambda x: hasattr(x, "names"))
+    assert leaves and all(len(x.names) == x.value.ndim for x in leaves)
+    layer = shapes["params"]["bert"]["layers" if scan else "layers_0"]
+    per_layer = [x.names for x in jax.tree.leaves(layer, is_leaf=lambda x: hasattr(x, "names"))]
+    assert all((n[0] == "layers") == scan for n in per_layer)
+    assert ("embed", "heads", "kv") in {n[1:] if scan else n for n in per_layer}
+
+
+def test_dropout_padding_and_bidirectional_attention():
+    model, _, _, params = _tiny(head="sequence", dropout_rate=0.3)
+    apply = jax.jit(model.apply, static_argnames="deterministic")
+    det = apply({"params": params}, IDS)
+    run = lambda s: apply({"params": params}, IDS, deterministic=False,
+                          rngs={"dropout": jax.random.key(s)})
+    assert not np.allclose(run(0), det) and not np.allclose(run(0), run(1))
+    # Padding is invisible: changing a padded token (and its type) changes nothing.
+    changed, types = IDS.copy(), np.zeros_like(IDS)
+    changed[0, 6], types[0, 6] = 17, 1
+    np.testing.assert_allclose(apply({"params": params}, changed, types, MASK), det, atol=1e-6)
+    # Attention is bidirectional: position 0 sees a change at the last real token.
+    enc, _ = get_model("bert", "tiny", vocab_size=40, d_model=32)
+    hidden = jax.jit(lambda t: enc.apply({"params": params["bert"]}, t)[0])
+    changed = IDS.copy()
+    changed[1, 6] = 9
+    assert not np.allclose(hidden(changed)[1, 0], hidden(IDS)[1, 0])
+
+
+def test_scanned_and_unscanned_bert_match():
+    model, _, _, params = _tiny()
+    scanned, _ = get_model("bert", "tiny", vocab_size=40, d_model=32, scan_layers=True)
+    want = jax.jit(model.apply)({"params": params}, IDS)
+    got = jax.jit(scanned.apply)({"params": stack_layers(params, "layers")}, IDS)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), got, want)
