@@ -120,3 +120,38 @@ def test_layouts_cover_every_kind_and_name_what_cannot_be_adapted():
     with pytest.raises(ValueError, match=r"lj\.nnx\.layouts\(model\)"):
         lj.init_adapters(ljnnx.params(model), lj.LoraSpec(targets=("proj/kernel",)),
                          jax.random.key(0))
+
+
+class Tied(nnx.Module):
+    """An embedding table used for the lookup and, transposed, as the output head."""
+
+    def __init__(self, rngs):
+        self.embed = nnx.Embed(20, 8, rngs=rngs)
+        self.mid = nnx.Linear(8, 8, rngs=rngs)
+
+    def __call__(self, ids):
+        return self.embed.attend(jnp.tanh(self.mid(self.embed(ids))))
+
+
+def test_zero_init_is_base_and_a_tied_head_reads_the_adapted_table():
+    model = Tied(nnx.Rngs(0))
+    spec = lj.LoraSpec(rank=2, targets=(r"embed/embedding", r"mid/kernel"))
+    init = lj.init_adapters(ljnnx.params(model), spec, jax.random.key(0),
+                            layouts=ljnnx.layouts(model))
+    factored = jax.jit(lambda a: ljnnx.apply(model, a, IDS))
+    np.testing.assert_allclose(factored(init), model(IDS), atol=1e-6)
+    adapters = _adapters(model, (r"embed/embedding", r"mid/kernel"))
+    np.testing.assert_allclose(factored(adapters), ljnnx.merge(model, adapters)(IDS), atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["mtl", "losa"])
+def test_routed_and_masked_methods_factored_equal_merged(method):
+    model = Net(nnx.Rngs(0))
+    options = (("num_tasks", 3),) if method == "mtl" else ()
+    adapters = _adapters(model, (r"layers/\d+/kernel", r"merge_heads/kernel"), method,
+                         options=options)
+    factored = jax.jit(lambda a, t: ljnnx.apply(model, a, IDS, task_ids=t))
+    merged = jax.jit(lambda a, t: ljnnx.merge(model, a, task=t)(IDS), static_argnums=1)
+    for t in (range(3) if method == "mtl" else (None,)):
+        ids = None if t is None else jnp.full((2,), t)
+        np.testing.assert_allclose(factored(adapters, ids), merged(adapters, t), atol=1e-5)
