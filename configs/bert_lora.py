@@ -8,7 +8,9 @@ project's sentence-pair task (`lora_jax.data.sentences`: same meaning or not?).
 Arg keys: hf_path (the model folder: config.json, model.safetensors, tokenizer.json), method
 ('lora' | 'full' | 'head': the frozen encoder with only the classifier trained), rank, alpha,
 targets ('qv' | 'attn' | 'all-linear' | regexes joined by '+'), steps, lr. The classifier is
-always trained (modules_to_save), as PEFT does for a sequence-classification head.
+always trained (modules_to_save), as PEFT does for a sequence-classification head. Without
+hf_path the model is a random init and the tokenizer the task's own 'template' WordPiece vocab
+(for tests and CI, where the wheel may be absent).
 
 Needs the trainer to take non-causal-LM data (data.kind='sentences', a classification loss and
 accuracy, and `model.family='bert'` built with `head=sequence`); until then the same comparison
@@ -35,7 +37,7 @@ def get_config(arg: str = ""):
     config.data.n_train_per_task = 4096
     config.data.n_eval_per_task = 512
     config.data.seq_len = 24
-    config.data.tokenizer = f"{a['hf_path']}/tokenizer.json" if a["hf_path"] else "byte"
+    config.data.tokenizer = f"{a['hf_path']}/tokenizer.json" if a["hf_path"] else "template"
     config.adapter.rank = a["rank"]
     config.adapter.alpha = float(a["alpha"])
     config.adapter.targets = "" if a["method"] == "head" else a["targets"]

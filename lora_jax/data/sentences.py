@@ -89,13 +89,22 @@ def make_pairs(n: int, seed: int, split: str = "train") -> list[Pair]:
     return [make_pair(rng, split) for _ in range(n)]
 
 
+SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
 def load_wordpiece(path: str) -> Any:
-    """A `tokenizers` BERT WordPiece tokenizer from a `tokenizer.json` or a `vocab.txt` (uncased)."""
+    """A `tokenizers` BERT WordPiece tokenizer from a `tokenizer.json`, a `vocab.txt` (uncased),
+    or 'template': a vocab of just `SPECIALS` + the templates' words ([PAD] = 0), for models
+    trained from scratch on this task (tests, CI without the wheel)."""
     import tokenizers
 
+    if path == "template":
+        words = list(SPECIALS) + vocabulary()
+        return tokenizers.BertWordPieceTokenizer({w: i for i, w in enumerate(words)},
+                                                 lowercase=True)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No tokenizer at {path!r}; pass a BERT tokenizer.json or "
-                                "vocab.txt (all-MiniLM-L6-v2 ships both).")
+                                "vocab.txt (all-MiniLM-L6-v2 ships both), or 'template'.")
     if path.endswith(".json"):
         return tokenizers.Tokenizer.from_file(path)
     return tokenizers.BertWordPieceTokenizer(path, lowercase=True)

@@ -9,14 +9,20 @@ import pytest
 
 from lora_jax.data import sentences as S
 
-SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     path = tmp_path_factory.mktemp("vocab") / "vocab.txt"
-    path.write_text("\n".join(SPECIALS + S.vocabulary()) + "\n")
+    path.write_text("\n".join(list(S.SPECIALS) + S.vocabulary()) + "\n")
     return S.load_wordpiece(str(path))
+
+
+def test_the_template_vocab_is_the_written_vocab_txt(tokenizer):
+    pairs = S.make_pairs(16, 5)
+    template = S.load_wordpiece("template")
+    assert template.token_to_id("[PAD]") == 0 and template.get_vocab_size() < 120
+    for k, v in S.encode_pairs(pairs, template).items():
+        np.testing.assert_array_equal(v, S.encode_pairs(pairs, tokenizer)[k])
 
 
 def _roles(sentence):
