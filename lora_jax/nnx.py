@@ -153,8 +153,15 @@ class Adapted(nnx.Module):
         return jnp.dot(query.astype(dtype), table.astype(dtype).T)
 
 
-def _container_set(parent, key, value):
-    if isinstance(parent, (nnx.List, nnx.Dict, list, dict)):
+_CONTAINERS = (nnx.List, nnx.Dict, list, dict)
+
+
+def _child(parent, key):
+    return parent[key] if isinstance(parent, _CONTAINERS) else getattr(parent, str(key))
+
+
+def _set_child(parent, key, value):
+    if isinstance(parent, _CONTAINERS):
         parent[key] = value
     else:
         setattr(parent, str(key), value)
@@ -209,11 +216,9 @@ def adapted(model: nnx.Module, adapters, *, train: bool = False,
             continue
         parent = model
         for k in keys[:-1]:
-            parent = parent[k] if isinstance(parent, (nnx.List, nnx.Dict, list, dict)) else \
-                getattr(parent, str(k))
-        layer = parent[keys[-1]] if isinstance(parent, (nnx.List, nnx.Dict, list, dict)) else \
-            getattr(parent, str(keys[-1]))
-        _container_set(parent, keys[-1], Adapted(layer, adapter, ctx, layer_key, path))
+            parent = _child(parent, k)
+        _set_child(parent, keys[-1], Adapted(_child(parent, keys[-1]), adapter, ctx, layer_key,
+                                             path))
     return model
 
 
