@@ -11,8 +11,9 @@ sentence-transformers, and a fresh linear classifier), then trains with `optax.a
 modules_to_save delta); `lora` adds rank-`--rank` adapters on `--targets` (and the classifier);
 `full` trains every parameter. The seed varies the head and adapter inits and the batch order;
 the data set is the same for every seed. The defaults reached (busy 2-core CPU, ~40 min):
-head only 0.653 ± 0.027, LoRA 0.924 ± 0.051, full 0.975 ± 0.022 (BENCHMARKS.md). A standalone script until the trainer takes
-non-causal-LM data; it uses only the library API (`lj.apply`, `lj.init_adapters`).
+head only 0.653 ± 0.027, LoRA 0.924 ± 0.051, full 0.975 ± 0.022 (BENCHMARKS.md). A standalone
+script until the trainer takes non-causal-LM data; it uses only the library API (`lj.apply`,
+`lj.init_adapters`).
 """
 
 from __future__ import annotations
