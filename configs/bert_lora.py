@@ -14,7 +14,8 @@ hf_path the model is a random init and the tokenizer the task's own 'template' W
 
 Needs the trainer to take non-causal-LM data (data.kind='sentences', a classification loss and
 accuracy, and `model.family='bert'` built with `head=sequence`); until then the same comparison
-runs standalone: `python -m experiments.bert_probe --model_dir=...`, which reached (eval accuracy on unseen noun pairs, mean ± std over 3 seeds):
+runs standalone: `python -m experiments.bert_probe --model_dir=...`, which reached (eval
+accuracy on unseen noun pairs, mean ± std over 3 seeds):
 head only 0.653 ± 0.027, LoRA r=8 all-linear 0.924 ± 0.051, full 0.975 ± 0.022 (BENCHMARKS.md).
 """
 

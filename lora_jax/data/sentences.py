@@ -38,7 +38,7 @@ KINDS = {1: ("synonyms", "passive"), 0: ("swapped", "passive_swapped", "negated"
 
 @dataclasses.dataclass(frozen=True)
 class Pair:
-    """One example: sentence `a`, sentence `b`, `label` 1 (same meaning) or 0, and how b was made."""
+    """One example: sentences `a` and `b`, `label` 1 (same meaning) or 0, how b was made."""
 
     a: str
     b: str
@@ -52,7 +52,7 @@ def is_eval_pair(subject: int, obj: int) -> bool:
 
 
 def make_pair(rng: random.Random, split: str) -> Pair:
-    """One balanced-label example whose (subject, object) nouns belong to `split` ('train'/'eval')."""
+    """One example (label 0 or 1 equally likely) with (subject, object) nouns from `split`."""
     while True:
         s, o = rng.sample(range(len(NOUNS)), 2)
         if is_eval_pair(s, o) == (split == "eval"):

@@ -116,7 +116,7 @@ def _dense(cfg: BertConfig, features, names, name, axis=-1) -> nn.DenseGeneral:
 
 
 class BertAttention(nn.Module):
-    """Bidirectional multi-head self-attention: (batch, seq, d) and a key mask -> (batch, seq, d)."""
+    """Bidirectional multi-head self-attention: (batch, seq, d), key mask -> (batch, seq, d)."""
 
     cfg: BertConfig
     deterministic: bool = True
@@ -213,7 +213,7 @@ class Bert(nn.Module):
 
 
 class BertClassifier(nn.Module):
-    """`Bert` + linear head on the pooled vector: tokens (batch, seq) -> logits (batch, n_labels)."""
+    """`Bert` + linear head on the pooled vector: tokens (batch, seq) -> (batch, n_labels)."""
 
     cfg: BertConfig
 
