@@ -26,6 +26,7 @@ from flax import linen as nn
 from flax import nnx
 
 from lora_jax import layers, methods, rules, transform
+from lora_jax.methods.saved import Saved
 
 ADAPTABLE = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Embed, nnx.Conv)
 
@@ -39,16 +40,6 @@ def _to_str_keys(tree):
     if isinstance(tree, dict):
         return {str(k): _to_str_keys(v) for k, v in tree.items()}
     return tree
-
-
-def _method(adapter):
-    """The adapter's method (a name today; a method object after the protocol refactor)."""
-    m = adapter.method
-    return methods.get(m) if isinstance(m, str) else m
-
-
-def _method_name(adapter) -> str:
-    return getattr(adapter.method, "name", adapter.method)
 
 
 def params(model: nnx.Module) -> dict[str, Any]:
@@ -144,11 +135,11 @@ class Adapted(nnx.Module):
         bias = getattr(base, "bias", None)
         bias = None if bias is None else bias.value
         module = _linen_conv(base) if isinstance(base, nnx.Conv) else base
-        return _method(adapter).output(y, x, adapter, kernel, bias, module, self.ctx)
+        return adapter.method.output(y, x, adapter, kernel, bias, module, self.ctx)
 
     def attend(self, query):
         """A tied output head reads the adapted table (merged), so factored == merged holds."""
-        table = _method(self.adapter).merge(self.base.embedding.value, self.adapter)
+        table = self.adapter.method.merge(self.base.embedding.value, self.adapter)
         dtype = self.base.dtype or jnp.result_type(query, table)
         return jnp.dot(query.astype(dtype), table.astype(dtype).T)
 
@@ -167,11 +158,13 @@ def _set_child(parent, key, value):
         setattr(parent, str(key), value)
 
 
-def _split_full(adapters):
+def _split_saved(adapters):
+    """({path: low-rank adapter}, modules_to_save deltas as a tree): the latter are added to the
+    parameters, never substituted."""
     flat = rules.flatten(adapters)
-    low = {p: a for p, a in flat.items() if _method_name(a) != "full"}
-    full = {p: a for p, a in flat.items() if _method_name(a) == "full"}
-    return low, rules.unflatten(full)
+    low = {p: a for p, a in flat.items() if not isinstance(a.method, Saved)}
+    saved = {p: a for p, a in flat.items() if isinstance(a.method, Saved)}
+    return low, rules.unflatten(saved)
 
 
 def _with_params(model: nnx.Module, new_params: dict) -> nnx.Module:
@@ -191,12 +184,13 @@ def adapted(model: nnx.Module, adapters, *, train: bool = False,
             task_ids: jax.Array | None = None, key: jax.Array | None = None) -> nnx.Module:
     """A copy of ``model`` with each adapted layer replaced by an ``Adapted`` wrapper.
 
-    ``'full'`` adapters (modules_to_save) are added to the copy's parameters. The original model
-    is left unchanged; the copy shares its base arrays. Stacked (scanned) kernels are not
-    supported here: adapt the per-layer modules.
+    modules_to_save deltas are added to the copy's parameters. The original model is left
+    unchanged; the copy shares its base arrays. Stacked (scanned) kernels are not supported here:
+    adapt the per-layer modules.
     """
-    low, full = _split_full(adapters)
-    model = _with_params(model, transform.merge(params(model), full)) if full else nnx.clone(model)
+    low, saved = _split_saved(adapters)
+    model = _with_params(model, transform.merge(params(model), saved)) if saved else \
+        nnx.clone(model)
     ctx = methods.Ctx(train=train, task_ids=task_ids)
     found = {}
     for keys, node in nnx.iter_graph(model):
@@ -245,3 +239,10 @@ def merge(model: nnx.Module, adapters, *, task: int | None = None) -> nnx.Module
 def unmerge(model: nnx.Module, adapters, *, task: int | None = None) -> nnx.Module:
     """Inverse of ``merge``: a copy of ``model`` with the adapters taken out again."""
     return _with_params(model, transform.unmerge(params(model), adapters, task=task))
+
+
+def transform_base(model: nnx.Module, adapters) -> tuple[nnx.Module, Any]:
+    """``(model, adapters)`` to train on: ``lj.transform_base`` on a copy of the model (e.g.
+    PiSSA's residual base ``W − s·A B``); identity for most methods."""
+    new_params, adapters = transform.transform_base(params(model), adapters)
+    return _with_params(model, new_params), adapters

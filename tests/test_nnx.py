@@ -144,14 +144,54 @@ def test_zero_init_is_base_and_a_tied_head_reads_the_adapted_table():
     np.testing.assert_allclose(factored(adapters), ljnnx.merge(model, adapters)(IDS), atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["mtl", "losa"])
-def test_routed_and_masked_methods_factored_equal_merged(method):
+# ----------------------------------------------------------------------------- conformance
+
+
+def registered() -> list[str]:
+    return [m for m in lj.methods.known() if m != "saved"]  # saved: modules_to_save, above
+
+
+def build(name: str) -> lj.Method:
+    return lj.methods.make(name, **getattr(lj.methods._factory(name), "example_args", {}))
+
+
+def randomize(adapters, seed: int = 3):
+    trainable, state = lj.split(adapters)
+    leaves, tree = jax.tree.flatten(trainable)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    leaves = [x + 0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]
+    return lj.join(jax.tree.unflatten(tree, leaves), state)
+
+
+@pytest.mark.parametrize("name", registered())
+def test_conformance_every_registered_method_on_nnx(name):
+    """tests/methods/test_conformance.py's checks on an NNX model: identity init is the base,
+    factored == merged (per task for routing methods), unmerge(merge) is the base, and
+    gradients reach the trainable leaves only."""
+    method = build(name)
     model = Net(nnx.Rngs(0))
-    options = (("num_tasks", 3),) if method == "mtl" else ()
-    adapters = _adapters(model, (r"layers/\d+/kernel", r"merge_heads/kernel"), method,
-                         options=options)
-    factored = jax.jit(lambda a, t: ljnnx.apply(model, a, IDS, task_ids=t))
-    merged = jax.jit(lambda a, t: ljnnx.merge(model, a, task=t)(IDS), static_argnums=1)
-    for t in (range(3) if method == "mtl" else (None,)):
-        ids = None if t is None else jnp.full((2,), t)
-        np.testing.assert_allclose(factored(adapters, ids), merged(adapters, t), atol=1e-5)
+    spec = lj.LoraSpec(rank=2, alpha=4.0, method=method,
+                       targets=(r"proj/kernel", r"merge_heads/kernel", r"layers/\d+/kernel"))
+    adapters = lj.init_adapters(ljnnx.params(model), spec, jax.random.key(1),
+                                layouts=ljnnx.layouts(model))
+    model, adapters = ljnnx.transform_base(model, adapters)
+    routes = type(method).merge_task is not lj.Method.merge_task
+    task_ids = jnp.arange(2) % 3 if routes else None
+    factored = jax.jit(lambda a: ljnnx.apply(model, a, IDS, task_ids=task_ids))
+    base = model(IDS)
+    np.testing.assert_allclose(factored(adapters), base, atol=1e-5)
+    adapters = randomize(adapters)
+    y = factored(adapters)
+    assert float(jnp.max(jnp.abs(y - base))) > 1e-3, "the adapters change nothing"
+    for t in (range(3) if routes else [None]):
+        merged = ljnnx.merge(model, adapters, task=t)
+        rows = np.arange(2) if t is None else np.asarray(task_ids == t)
+        np.testing.assert_allclose(merged(IDS)[rows], y[rows], atol=1e-4)
+        back = ljnnx.params(ljnnx.unmerge(merged, adapters, task=t))
+        jax.tree.map(lambda p, q: np.testing.assert_allclose(p, q, atol=1e-4), back,
+                     ljnnx.params(model))
+    trainable, state = lj.split(adapters)
+    loss = lambda t: jnp.mean(ljnnx.apply(model, lj.join(t, state), IDS, task_ids=task_ids) ** 2)
+    grads = jax.jit(jax.grad(loss))(trainable)
+    assert jax.tree.structure(grads) == jax.tree.structure(trainable)
+    assert any(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree.leaves(grads))
