@@ -149,6 +149,9 @@ def trace_layouts(model: nn.Module, params: Mapping[str, Any], *args, **kwargs) 
     beyond what the layer sees. Quantised kernels are traced at their logical shape. Returns
     ``{path: Layout}``.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"trace_layouts traces a linen module, got {type(model).__name__}; for an "
+                        "NNX model use layouts=lj.nnx.layouts(model)")
     found: dict[str, layers.Layout] = {}
 
     def record(next_fun, call_args, call_kwargs, context):
