@@ -63,6 +63,7 @@ class Ctx:
 
     train: bool = False
     task_ids: Any = None
+    adapter_ids: Any = None  # (batch,) bank slots for methods/bank.py, -1 = base only
 
 
 def is_adapter(x: Any) -> bool:
@@ -71,10 +72,10 @@ def is_adapter(x: Any) -> bool:
 
 def get(name: str) -> ModuleType:
     """The method module called ``name``."""
-    from lora_jax.methods import dora, full, lora, mtl, multi, sparse
+    from lora_jax.methods import bank, dora, full, lora, mtl, multi, sparse
 
     registry = {"lora": lora, "dora": dora, "full": full, "mtl": mtl, "losa": sparse,
-                "per_task": multi.per_task, "multilora": multi.multilora}
+                "per_task": multi.per_task, "multilora": multi.multilora, "bank": bank}
     if name not in registry:
         raise ValueError(f"unknown adapter method {name!r}; known: {sorted(registry)}")
     return registry[name]
