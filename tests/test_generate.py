@@ -164,6 +164,7 @@ def test_generation_under_the_8_device_mesh():
         out, lj.generate(model, params, adapters, np.asarray(prompt), 5, prompt_mask=mask))
 
 
+@pytest.mark.slow
 def test_exact_match_by_decoding_agrees_with_teacher_forcing():
     model, params, adapters = _setup("gpt2", False, vocab_size=260)
     data = make_task_dataset(["copy", "reverse"], "eval", 6, seed=0, seq_len=24)
@@ -179,3 +180,30 @@ def test_exact_match_by_decoding_agrees_with_teacher_forcing():
     decoded = lj.greedy_exact_match(model, params, adapters, data, batch_size=5)
     np.testing.assert_array_equal(decoded, teacher)
     assert decoded[::2].all() and not decoded[1::2].any()
+
+
+@pytest.mark.slow
+def test_experiments_generate_on_a_finished_run(tmp_path):
+    import dataclasses
+
+    from configs.lora import get_config
+    from experiments import generate as cli
+    from lora_jax.train import Experiment, from_dict, train_and_evaluate
+
+    cfg = from_dict(Experiment, get_config("").to_dict())
+    cfg = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, preset="tiny", hf_path="", overrides=(
+            "d_model=32,n_layers=2,n_head=2,n_positions=48,vocab_size=320")),
+        base=dataclasses.replace(cfg.base, source="init"),
+        data=dataclasses.replace(cfg.data, n_train_per_task=8, n_eval_per_task=4, seq_len=24),
+        train=dataclasses.replace(cfg.train, steps=2, batch_size=8, eval_every=1000,
+                                  log_every=1, checkpoint_every=1000, eval_batch_size=8))
+    train_and_evaluate(cfg, tmp_path)
+    _, tok, model, base, (params, adapters) = cli.load_run(tmp_path)
+    assert lj.rules.flatten(adapters) and params is base
+    prompts = ["ab=", "reverse: xyz="]
+    texts = cli.complete(model, params, adapters, tok, prompts, max_new_tokens=6)
+    tokens, mask = left_pad([[tok.bos_id] + tok.encode(p) for p in prompts], tok.pad_id)
+    ids = lj.generate(model, params, adapters, tokens, 6, prompt_mask=mask, eos_id=tok.eos_id,
+                      pad_id=tok.pad_id)
+    assert texts == [tok.decode([t for t in r if t != tok.eos_id]) for r in ids.tolist()]

@@ -1,0 +1,82 @@
+"""Prints greedy (or sampled) completions of a finished run, for the base and the adapted model.
+
+    python -m experiments.generate --workdir=runs/lora --prompt="reverse: abc=" --prompt="add: 2+3="
+    python -m experiments.generate --workdir=runs/lora --prompt="sort: cab=" --temperature=0.8
+
+The run is rebuilt from its ``run.json``: the tokenizer, the model, the frozen base (loaded from
+the cache the trainer wrote, or from the HF checkpoint; quantised as in training) and the export
+(``adapter/`` for adapter methods, ``params.msgpack`` for full fine-tuning). Prompts follow the
+training format: ``[BOS] prompt``; generation stops at EOS. Per-task methods (MTL-LoRA, per-task
+LoRA) need task ids and are not supported here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+import lora_jax as lj
+from lora_jax import data as D
+from lora_jax import io
+from lora_jax.generate import left_pad
+from lora_jax.train import Experiment, from_dict
+from lora_jax.train import trainer
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A finished run's directory (has run.json).")
+_PROMPT = flags.DEFINE_multi_string("prompt", None, "Prompt text (repeat for a batch).")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 16, "Tokens to generate per prompt.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample from the k most likely tokens (0 = off).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.mark_flags_as_required(["workdir", "prompt"])
+
+
+def load_run(workdir: Path):
+    """``(cfg, tokenizer, model, base_params, adapted)``: ``adapted`` is ``(params, adapters)``."""
+    run = workdir / "run.json"
+    if not run.is_file():
+        raise FileNotFoundError(f"{run} is missing: is {workdir} a run's workdir?")
+    cfg = from_dict(Experiment, json.loads(run.read_text()), str(run))
+    tokenizer = D.get_tokenizer(cfg.data.tokenizer)
+    model, _, hf_params = trainer.build_model(cfg.model, tokenizer.vocab_size)
+    example = jnp.zeros((1, cfg.data.seq_len), jnp.int32)
+    params = trainer.base_params(cfg, model, hf_params, example)
+    params = trainer.prepare_base(cfg, model, params, example)
+    if cfg.method == "full":
+        return cfg, tokenizer, model, params, (io.load_params(workdir / "params.msgpack"), None)
+    if cfg.method in ("mtl", "per_task"):
+        raise ValueError(f"method {cfg.method!r} routes by task id; generation here supports "
+                         "methods without routing (merge one task: lj.merge(..., task=t))")
+    adapters, _ = io.load_adapters(workdir / "adapter", params)
+    return cfg, tokenizer, model, params, (params, adapters)
+
+
+def complete(model, params, adapters, tokenizer, prompts, **kw) -> list[str]:
+    """Decoded completions of ``prompts`` (text), each prefixed with BOS."""
+    tokens, mask = left_pad([[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts],
+                            tokenizer.pad_id)
+    out = lj.generate(model, params, adapters, tokens, prompt_mask=mask,
+                      eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, **kw)
+    return [tokenizer.decode([t for t in row if t != tokenizer.eos_id]) for row in out.tolist()]
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    _, tokenizer, model, base, (params, adapters) = load_run(Path(_WORKDIR.value))
+    kw = dict(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+              top_p=_TOP_P.value, rng=jax.random.key(_SEED.value))
+    prompts = _PROMPT.value
+    base_out = complete(model, base, None, tokenizer, prompts, **kw)
+    adapted_out = complete(model, params, adapters, tokenizer, prompts, **kw)
+    for prompt, b, a in zip(prompts, base_out, adapted_out):
+        print(f"prompt:  {prompt!r}\n  base:    {b!r}\n  adapted: {a!r}")
+
+
+if __name__ == "__main__":
+    app.run(main)
