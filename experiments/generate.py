@@ -2,6 +2,7 @@
 
     python -m experiments.generate --workdir=runs/lora --prompt="reverse: abc=" --prompt="add: 2+3="
     python -m experiments.generate --workdir=runs/lora --prompt="sort: cab=" --temperature=0.8
+    python -m experiments.generate --workdir=runs/lora --eval   # exact match: teacher-forced vs decoded
 
 The run is rebuilt from its ``run.json``: the tokenizer, the model, the frozen base (loaded from
 the cache the trainer wrote, or from the HF checkpoint; quantised as in training) and the export
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import app, flags
 
 import lora_jax as lj
@@ -33,7 +35,9 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Sample from the k most likely tokens (0 = off).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-flags.mark_flags_as_required(["workdir", "prompt"])
+_EVAL = flags.DEFINE_bool("eval", False, "Print the eval split's exact match, teacher-forced and "
+                          "by greedy decoding (task data only).")
+flags.mark_flags_as_required(["workdir"])
 
 
 def load_run(workdir: Path):
@@ -65,10 +69,30 @@ def complete(model, params, adapters, tokenizer, prompts, **kw) -> list[str]:
     return [tokenizer.decode([t for t in row if t != tokenizer.eos_id]) for row in out.tolist()]
 
 
+def exact_match_both(cfg, tokenizer, model, params, adapters, batch_size: int = 64) -> dict:
+    """Per-task exact match on the run's eval split, teacher-forced and by greedy decoding."""
+    _, arrays, tasks = trainer.load_data(cfg.data, tokenizer)
+    forward = jax.jit(lambda p, a, x: jnp.argmax(lj.apply(model, p, a or {}, x), -1))
+    pred = np.concatenate([np.asarray(forward(params, adapters, arrays["inputs"][i: i + batch_size]))
+                           for i in range(0, len(arrays["inputs"]), batch_size)])
+    teacher = D.exact_match(pred, arrays["targets"], arrays["loss_mask"])
+    decoded = lj.greedy_exact_match(model, params, adapters, arrays, batch_size, tokenizer.pad_id)
+    return {"teacher_forced": D.per_task_accuracy(teacher, arrays["task_ids"], tasks),
+            "greedy_decoding": D.per_task_accuracy(decoded, arrays["task_ids"], tasks),
+            "rows_that_disagree": int((teacher != decoded).sum())}
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    _, tokenizer, model, base, (params, adapters) = load_run(Path(_WORKDIR.value))
+    if not _PROMPT.value and not _EVAL.value:
+        raise app.UsageError("pass --prompt=TEXT (repeatable) and/or --eval")
+    cfg, tokenizer, model, base, (params, adapters) = load_run(Path(_WORKDIR.value))
+    if _EVAL.value:
+        for name, (p, a) in {"base": (base, None), "adapted": (params, adapters)}.items():
+            print(name, json.dumps(exact_match_both(cfg, tokenizer, model, p, a), indent=1))
+    if not _PROMPT.value:
+        return
     kw = dict(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
               top_p=_TOP_P.value, rng=jax.random.key(_SEED.value))
     prompts = _PROMPT.value
