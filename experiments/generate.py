@@ -2,7 +2,7 @@
 
     python -m experiments.generate --workdir=runs/lora --prompt="reverse: abc=" --prompt="add: 2+3="
     python -m experiments.generate --workdir=runs/lora --prompt="sort: cab=" --temperature=0.8
-    python -m experiments.generate --workdir=runs/lora --eval   # exact match: teacher-forced vs decoded
+    python -m experiments.generate --workdir=runs/lora --eval  # exact match: forced vs decoded
 
 The run is rebuilt from its ``run.json``: the tokenizer, the model, the frozen base (loaded from
 the cache the trainer wrote, or from the HF checkpoint; quantised as in training) and the export
@@ -73,8 +73,9 @@ def exact_match_both(cfg, tokenizer, model, params, adapters, batch_size: int = 
     """Per-task exact match on the run's eval split, teacher-forced and by greedy decoding."""
     _, arrays, tasks = trainer.load_data(cfg.data, tokenizer)
     forward = jax.jit(lambda p, a, x: jnp.argmax(lj.apply(model, p, a or {}, x), -1))
-    pred = np.concatenate([np.asarray(forward(params, adapters, arrays["inputs"][i: i + batch_size]))
-                           for i in range(0, len(arrays["inputs"]), batch_size)])
+    inputs = arrays["inputs"]
+    pred = np.concatenate([np.asarray(forward(params, adapters, inputs[i: i + batch_size]))
+                           for i in range(0, len(inputs), batch_size)])
     teacher = D.exact_match(pred, arrays["targets"], arrays["loss_mask"])
     decoded = lj.greedy_exact_match(model, params, adapters, arrays, batch_size, tokenizer.pad_id)
     return {"teacher_forced": D.per_task_accuracy(teacher, arrays["task_ids"], tasks),

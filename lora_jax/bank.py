@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping, Sequence
 
-import jax
 import jax.numpy as jnp
 
 from lora_jax import layers, rules
@@ -28,8 +27,8 @@ def _flat_lora(adapters, what: str) -> dict[str, Adapter]:
     flat = rules.flatten(adapters)
     for path, a in flat.items():
         if _name(a) != "lora":
-            raise ValueError(f"{what}: {path!r} is a {_name(a)!r} adapter; only plain LoRA adapters "
-                             "can be banked or combined (merge DoRA/other methods instead)")
+            raise ValueError(f"{what}: {path!r} is a {_name(a)!r} adapter; only plain LoRA "
+                             "adapters can be banked or combined (merge other methods instead)")
     return flat
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +26,7 @@ from lora_jax.models import gpt2, llama
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-    """Static sampling settings: ``temperature`` 0 is greedy; ``top_k`` 0 and ``top_p`` 1 are off."""
+    """Static sampling settings: ``temperature`` 0 is greedy; ``top_k`` 0, ``top_p`` 1 are off."""
 
     temperature: float = 0.0
     top_k: int = 0

@@ -141,7 +141,7 @@ def make_cache(n_layers: int, batch: int, n_slots: int, kv_heads: int, head_dim:
 
 
 def init_cache(cfg: GPT2Config, batch: int, n_slots: int):
-    """A zero KV cache for `cfg`: `{'k', 'v'}` of shape (n_layers, batch, n_slots, heads, head_dim)."""
+    """A zero KV cache for `cfg`: `{'k', 'v'}`, each (n_layers, batch, n_slots, heads, head_dim)."""
     if n_slots > cfg.n_positions:
         raise ValueError(f"GPT2: a cache of {n_slots} slots exceeds n_positions={cfg.n_positions}; "
                          "generate fewer tokens or shorten the prompt.")
@@ -156,7 +156,7 @@ class GPT2Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, cache=None, side=None):
-        """`side` = (mask, positions, cache_index) from the model; returns (out, new layer cache)."""
+        """`side` = (mask, positions, cache_index) from the model; returns (out, layer cache)."""
         cfg = self.cfg
         mask, _, cache_index = side if side is not None else (causal_mask(x.shape[1]), None, None)
         qkv = nn.DenseGeneral(

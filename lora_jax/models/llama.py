@@ -109,8 +109,8 @@ def _rms_norm(cfg: LlamaConfig, name: str) -> nn.RMSNorm:
 def init_cache(cfg: LlamaConfig, batch: int, n_slots: int):
     """A zero KV cache: `{'k', 'v'}` of shape (n_layers, batch, n_slots, n_kv_heads, head_dim)."""
     if n_slots > cfg.max_seq_len:
-        raise ValueError(f"Llama: a cache of {n_slots} slots exceeds max_seq_len={cfg.max_seq_len}; "
-                         "generate fewer tokens or shorten the prompt.")
+        raise ValueError(f"Llama: a cache of {n_slots} slots exceeds max_seq_len="
+                         f"{cfg.max_seq_len}; generate fewer tokens or shorten the prompt.")
     return make_cache(cfg.n_layers, batch, n_slots, cfg.n_kv_heads, cfg.head_dim, cfg.dtype)
 
 
@@ -145,7 +145,7 @@ class LlamaAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x, cache=None, side=None):
-        """`side` = (mask, positions, cache_index) from the model; returns (out, new layer cache)."""
+        """`side` = (mask, positions, cache_index) from the model; returns (out, layer cache)."""
         cfg = self.cfg
         mask, positions, cache_index = (side if side is not None
                                         else (causal_mask(x.shape[1]), None, None))
