@@ -275,6 +275,7 @@ def apply(
     *args,
     train: bool = False,
     task_ids: jax.Array | None = None,
+    adapter_ids: jax.Array | None = None,
     rngs: Any = None,
     **kwargs,
 ):
@@ -287,13 +288,16 @@ def apply(
       *args, **kwargs: passed to ``model.apply`` (e.g. tokens, ``deterministic=``, ``method=``).
       train: enables adapter dropout (needs a 'dropout' rng in ``rngs``).
       task_ids: int array (batch,) for methods that route per example (MTL-LoRA).
+      adapter_ids: int array (batch,): each example's slot in a bank (``lj.stack_adapters``),
+        -1 = base only.
       rngs: Flax rngs for ``model.apply``.
     Returns:
       Whatever ``model.apply`` returns.
     """
     low, saved = _partition_saved(adapters)
     params = _add_saved(_unbox(params), saved) if saved else _unbox(params)
-    with _context(Ctx(train=train, task_ids=task_ids)), nn.intercept_methods(_intercept):
+    with _context(Ctx(train=train, task_ids=task_ids, adapter_ids=adapter_ids)), \
+            nn.intercept_methods(_intercept):
         return model.apply({"params": params, "lora": low}, *args, rngs=rngs, **kwargs)
 
 

@@ -60,6 +60,7 @@ class Ctx:
 
     train: bool = False
     task_ids: Any = None
+    adapter_ids: Any = None  # (batch,) bank slots for methods/bank.py, -1 = base only
 
     def dropout_active(self, adapter: Adapter) -> bool:
         """Whether the adapter branch's input ``x`` was dropped out (so differs from the base's)."""
@@ -260,7 +261,8 @@ def methods_of(adapters) -> list[Method]:
     return list(seen)
 
 
-from lora_jax.methods.dora import DoRA  # noqa: E402  (the registry is filled at import)
+from lora_jax.methods.bank import Bank  # noqa: E402  (the registry is filled at import)
+from lora_jax.methods.dora import DoRA  # noqa: E402
 from lora_jax.methods.lora import LoRA  # noqa: E402
 from lora_jax.methods.mtl import MTL  # noqa: E402
 from lora_jax.methods.multi import MultiLoRA, PerTask  # noqa: E402
@@ -269,6 +271,6 @@ from lora_jax.methods.sparse import LoSA  # noqa: E402
 
 # Factories under their registered names: lj.methods.lora(...), lj.methods.mtl(num_tasks=4).
 lora, dora, mtl, per_task, multilora, losa = LoRA, DoRA, MTL, PerTask, MultiLoRA, LoSA
-for _m in (LoRA, DoRA, MTL, PerTask, MultiLoRA, LoSA, Saved):
+for _m in (LoRA, DoRA, MTL, PerTask, MultiLoRA, LoSA, Saved, Bank):
     register(_m.name, _m)
 del _m

@@ -24,7 +24,7 @@ from lora_jax.train.config import MeshConfig
 
 TINY = dict(d_model=32, n_layers=2, n_head=2, n_positions=16, vocab_size=64)
 NUM_TASKS = 3  # what a routing method's example_args should use
-INTERNAL = {"saved"}  # modules_to_save deltas: exercised by tests/test_transform.py
+INTERNAL = {"saved", "bank"}  # built from other adapters: tests/test_transform.py, test_bank.py
 
 
 def registered() -> list[str]:
