@@ -229,8 +229,9 @@ def save_peft(
         n = np.shape(ad.params["a"])[0] if scanned else 1
         for i in range(n):
             key = module.format(i) if scanned else module
+            group = re.sub(rf"\.{_STACK[family]}\.\d+\.", f".{_STACK[family]}.{{}}.", key)
             entries[key] = dict(_to_peft(ad, i if scanned else None), r=r, alpha=alpha,
-                                embed=ad.layout.kind == "embed", group=module.format("{}"))
+                                embed=ad.layout.kind == "embed", group=group)
     if len(methods_seen) > 1:
         raise ValueError("PEFT's use_dora is one flag per adapter file; these adapters mix LoRA "
                          "and DoRA: save them as two adapters.")
