@@ -11,7 +11,8 @@
 Importing this package has no side effects.
 """
 
-from lora_jax import nnx
+from lora_jax import interop, nnx
+from lora_jax.interop import peft_targets
 from lora_jax.layers import Layout
 from lora_jax.methods import Adapter, Ctx
 from lora_jax.optim import adapter_labels, adapter_optimizer
@@ -36,4 +37,5 @@ __all__ = [
     "adapter_optimizer", "apply", "count_params", "init_adapters", "join", "materialized",
     "merge", "nnx", "select_targets", "split", "summary", "trace_layouts", "unmerge",
     "dequantize_params", "merge_quantized", "quantize_params",
+    "interop", "peft_targets",
 ]
