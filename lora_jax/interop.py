@@ -69,11 +69,11 @@ def family_of(params: Mapping[str, Any]) -> str:
                      "nor Llama ('embed_tokens') from lora_jax.models.")
 
 
-def hf_module(family: str, path: str) -> tuple[str, int | None]:
-    """Our kernel path -> (HF module name without the layer index filled in, stack axis use).
+def hf_module(family: str, path: str) -> tuple[str, bool]:
+    """Our kernel path -> (HF module name, whether the path is a scanned stack).
 
-    'h_3/attn/c_attn/kernel' -> 'transformer.h.3.attn.c_attn'; a scanned 'h/attn/c_attn/kernel'
-    -> 'transformer.h.{}.attn.c_attn' (format with the layer index).
+    'h_3/attn/c_attn/kernel' -> ('transformer.h.3.attn.c_attn', False); a scanned
+    'h/attn/c_attn/kernel' -> ('transformer.h.{}.attn.c_attn', True): format with the layer.
     """
     parts = path.split("/")
     if parts[-1] not in ("kernel", "embedding"):
@@ -120,7 +120,8 @@ def peft_targets(target_modules: Sequence[str] | str, family: str) -> tuple[str,
 
     A list entry matches a module whose HF name equals it or ends with '.' + entry (PEFT's rule),
     so `["q_proj", "v_proj"]` works unchanged; a string is PEFT's full-match regex over HF names,
-    translated by testing it against the family's module names for layer 0 (any layer index).
+    translated by testing it against the family's module names for layers 0..999 (a regex that
+    picks some layers becomes a rule for those layers of an unscanned model).
     Example: `lj.LoraSpec(targets=lj.peft_targets(["q_proj", "v_proj"], family="llama"))`.
     GPT-2's q, k and v are one fused `c_attn` kernel, so `"c_attn"` adapts all three.
     """
@@ -129,7 +130,12 @@ def peft_targets(target_modules: Sequence[str] | str, family: str) -> tuple[str,
     names = _module_templates(family)
     if isinstance(target_modules, str):
         rx = re.compile(target_modules)
-        chosen = [p for n, p in names.items() if rx.fullmatch(n.format(0))]
+        chosen = []
+        for n, p in names.items():
+            layers = [i for i in range(1000 if "{}" in n else 1) if rx.fullmatch(n.format(i))]
+            if len(layers) < (1000 if "{}" in n else 1):
+                p = p.replace("(_\\d+)?", f"_(?:{'|'.join(map(str, layers))})")
+            chosen.extend([p] if layers else [])
         if not chosen:
             raise ValueError(f"target_modules regex {target_modules!r} matches no {family} module; "
                              f"modules: {sorted(n.format(0) for n in names)}.")

@@ -68,11 +68,9 @@ def test_llama3_inv_freq_bands():
     np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
-@pytest.mark.parametrize("adapter,base", FIXTURES)
-@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("adapter,base,scan", [f + (False,) for f in FIXTURES] + [
+    ("gpt2_lora", "gpt2_base", True), ("llama_dora", "llama_base", True)])
 def test_load_peft_reproduces_peft_logits(adapter, base, scan):
-    if scan and adapter == "llama_pattern":
-        pytest.skip("per-layer ranks need an unscanned model (tested below)")
     model, params, layouts = _load(base, scan)
     adapters = interop.load_peft(os.path.join(PEFT, adapter), params, layouts)
     ref = np.load(os.path.join(PEFT, adapter, "logits.npy"))
@@ -324,6 +322,10 @@ def test_peft_targets_select_what_peft_selects(scan):
     paths = [t.path for t in rules.select_targets(params, regex, rank=4, alpha=8.0)]
     assert paths and all(re.search(r"mlp/(up|down)_proj", p) for p in paths)
     assert len(paths) == (2 if scan else 4)
+    one_layer = lj.peft_targets(r"model\.layers\.1\.self_attn\.(q|k)_proj", family="llama")
+    if not scan:
+        assert [t.path for t in rules.select_targets(params, one_layer, rank=4, alpha=8.0)] == [
+            "layers_1/self_attn/k_proj/kernel", "layers_1/self_attn/q_proj/kernel"]
     _, gparams, _ = _load("gpt2_base")
     fused = rules.select_targets(gparams, lj.peft_targets(["c_attn", "wte"], family="gpt2"),
                                  rank=4, alpha=8.0)
