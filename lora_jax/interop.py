@@ -24,11 +24,13 @@ import os
 import re
 from typing import Any, Mapping, Sequence
 
+import flax.linen as nn
 import jax
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from lora_jax import rules
+from lora_jax.io import check_fits
 from lora_jax.models import hf as hf_models
 from lora_jax.models.gpt2 import GPT2Config
 from lora_jax.models.llama import LlamaConfig
@@ -213,7 +215,9 @@ def save_peft(
     written as PEFT's `ensure_weight_tying: true` (plus the tied `lm_head` factors PEFT itself
     writes). PEFT cannot tie a GPT-2 `wte` LoRA to its head, so that is refused.
     """
+    params = nn.meta.unbox(params)
     family = model_family or family_of(params)
+    check_fits(params, adapters)
     flat_params = rules.flatten(params)
     entries: dict[str, dict] = {}
     dropouts, methods_seen = [], set()
@@ -413,7 +417,7 @@ def load_peft(
     Raises:
       ValueError naming the module, shape or config feature that lora_jax cannot represent.
     """
-    directory = os.fspath(directory)
+    directory, params = os.fspath(directory), nn.meta.unbox(params)
     cfg = _read_config(directory)
     weights = _read_weights(directory)
     family = family_of(params)
