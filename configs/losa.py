@@ -30,15 +30,14 @@ def get_config(arg: str = ""):
         arg = arg.partition(",")[2]
     a = common.parse_arg(arg, sparsity=0.5, pruner="wanda", iterations=5, beta=1.0, pattern="",
                          steps=400, variant="losa", rank=16, alpha=32.0)
-    config = common.get_config()
-    config.method = "losa"
+    config = common.set_method(common.get_config(), "losa")
     config.adapter.rank = a["rank"]  # r_max: A and B keep this size; rank masks select ranks
     config.adapter.alpha = float(a["alpha"])
     config.train.steps = a["steps"]
-    sc = config.sparsity
+    sc = config.method_args
     sc.target = float(a["sparsity"])
     sc.pruner = a["pruner"]
-    sc.iterations = a["iterations"]
+    sc.iterations = int(a["iterations"])
     sc.beta = float(a["beta"])
     sc.pattern = a["pattern"]
     if a["variant"] in ("prune_lora", "prune_masked"):
@@ -55,14 +54,14 @@ def get_sweep(arg: str = ""):
     if (arg or "").split(",")[0] == "compare":
         out = []
         for s in (0.5, 0.7):
-            out += [{"sparsity.target": s},
-                    {"sparsity.target": s, "sparsity.iterations": 1, "sparsity.layerwise": False,
-                     "sparsity.dynamic_rank": False, "sparsity.masked": False,
+            out += [{"method_args.target": s},
+                    {"method_args.target": s, "method_args.iterations": 1, "method_args.layerwise": False,
+                     "method_args.dynamic_rank": False, "method_args.masked": False,
                      "adapter.rank": 8, "adapter.alpha": 16.0}]
         return out
-    grid = [{"sparsity.target": s, "sparsity.pruner": p}
+    grid = [{"method_args.target": s, "method_args.pruner": p}
             for s in (0.5, 0.7) for p in ("wanda", "sparsegpt")]
-    grid += [{"sparsity.iterations": t} for t in (1, 3, 5)]
-    grid += [{"sparsity.beta": b} for b in (0.5, 1.0, 2.0)]
-    grid += [{"sparsity.pattern": "2:4"}]
+    grid += [{"method_args.iterations": t} for t in (1, 3, 5)]
+    grid += [{"method_args.beta": b} for b in (0.5, 1.0, 2.0)]
+    grid += [{"method_args.pattern": "2:4"}]
     return grid

@@ -226,6 +226,10 @@ def save_peft(
         if name not in ("lora", "dora"):
             raise ValueError(f"adapter for {path!r} uses method {name!r}; PEFT LoRA files hold "
                              "'lora' and 'dora' adapters only (merge it and use save_hf).")
+        if getattr(ad.method, "init_weights", None) == "pissa":
+            raise ValueError(f"adapter for {path!r} is PiSSA: its base is the residual W - s·A0·B0, "
+                             "which PEFT's base model is not; export the merged model with "
+                             "lj.interop.save_hf instead.")
         if ad.layout.kind == "conv":
             raise ValueError(f"{path!r}: conv adapters are not part of GPT-2 / Llama.")
         methods_seen.add(name)

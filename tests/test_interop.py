@@ -333,3 +333,11 @@ def test_peft_targets_select_what_peft_selects(scan):
                                        "wte/embedding"]
     with pytest.raises(ValueError, match=r"'q_proj' matches no gpt2 module"):
         lj.peft_targets(["q_proj"], family="gpt2")
+
+
+def test_pissa_adapter_is_refused_for_peft(tmp_path):
+    _, params, layouts = _load("llama_base")
+    spec = lj.LoraSpec(rank=2, method=lj.methods.lora(init_weights="pissa"))
+    adapters = lj.init_adapters(params, spec, jax.random.key(0), layouts=layouts)
+    with pytest.raises(ValueError, match=r"PiSSA.*save_hf"):
+        interop.save_peft(tmp_path, params, adapters)

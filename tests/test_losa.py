@@ -79,10 +79,9 @@ def test_dropout_path_and_remat_give_the_same_gradients():
                      rngs={"dropout": jax.random.key(0)})
         return jnp.mean(y ** 2)
 
-    no_remat = jax.tree.map(lambda a: dataclasses.replace(a, options=(("remat", False),)), st,
-                            is_leaf=lj.methods.is_adapter)
-    tr_nr = jax.tree.map(lambda a: dataclasses.replace(a, options=(("remat", False),)), tr,
-                         is_leaf=lj.methods.is_adapter)
+    plain = lambda a: dataclasses.replace(a, method=dataclasses.replace(a.method, remat=False))
+    no_remat = jax.tree.map(plain, st, is_leaf=lj.methods.is_adapter)
+    tr_nr = jax.tree.map(plain, tr, is_leaf=lj.methods.is_adapter)
     g1 = jax.grad(loss)(tr, st, False)
     g2 = jax.grad(loss)(tr_nr, no_remat, False)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
@@ -150,7 +149,7 @@ def test_changing_masks_and_ranks_does_not_recompile_the_step():
 
 def _losa_tiny(steps=10, **sparsity):
     cfg = tiny(from_dict(Experiment, load_config("losa").to_dict()), steps=steps)
-    return dataclasses.replace(cfg, sparsity=dataclasses.replace(cfg.sparsity, **sparsity))
+    return dataclasses.replace(cfg, method_args={**cfg.method_args, **sparsity})
 
 
 def test_schedule_end_to_end(tmp_path):

@@ -36,7 +36,7 @@ from lora_jax.sparsity.model import Blocks, capture_blocks, prune_blocks, run_bl
 
 @dataclasses.dataclass(frozen=True)
 class LosaOptions:
-    """LoSA's knobs (``SparsityConfig`` holds the same names)."""
+    """LoSA's knobs (the ``lj.methods.losa`` method holds the same names)."""
 
     target: float = 0.5
     iterations: int = 5
@@ -51,7 +51,8 @@ class LosaOptions:
     masked: bool = True
 
     @classmethod
-    def from_config(cls, sc) -> "LosaOptions":
+    def from_method(cls, sc) -> "LosaOptions":
+        """From an ``lj.methods.losa(...)`` method."""
         pattern = None
         if sc.pattern:
             n, _, m = sc.pattern.partition(":")
@@ -236,18 +237,33 @@ def _like(old, new):
     return jax.tree.map(place, new, old)
 
 
-def trainer_hook(cfg, model, frozen, train_arrays, workdir, evaluate: Callable | None = None,
-                 log: Callable[[str], None] = print) -> LosaHook | None:
-    """The ``LosaHook`` of an ``Experiment`` with ``method='losa'`` (else None).
+def trainer_hook(method, run) -> LosaHook:
+    """The ``LosaHook`` of an ``lj.methods.losa`` method in a training ``run`` (methods.Run).
 
-    Calibration: ``cfg.sparsity.calib_samples`` training sequences drawn with ``cfg.seed``.
-    ``evaluate(trainable, frozen) -> {'loss', 'accuracy': {'mean'}}`` is logged after each prune.
+    Calibration: ``method.calib_samples`` training sequences drawn with ``run.seed``.
+    ``run.evaluate(trainable, frozen) -> {'loss', 'accuracy': {'mean'}}`` is logged after each
+    prune. The hook is built lazily by ``restore`` (it needs the frozen base).
     """
-    if cfg.method != "losa":
-        return None
-    sc = cfg.sparsity
-    n = len(train_arrays["inputs"])
-    rows = np.sort(np.random.default_rng(cfg.seed).permutation(n)[:sc.calib_samples])
-    return LosaHook(LosaOptions.from_config(sc), model, frozen,
-                    jnp.asarray(train_arrays["inputs"][rows]), cfg.train.steps, workdir,
-                    evaluate, log=log)
+    n = len(run.train_arrays["inputs"])
+    rows = np.sort(np.random.default_rng(run.seed).permutation(n)[:method.calib_samples])
+    return _LazyHook(LosaOptions.from_method(method), run,
+                     jnp.asarray(run.train_arrays["inputs"][rows]))
+
+
+class _LazyHook:
+    """``LosaHook`` built from the frozen tree when the loop first hands it over (``restore``)."""
+
+    def __init__(self, opts: LosaOptions, run, calib_tokens):
+        self.opts, self.run, self.calib, self.hook = opts, run, calib_tokens, None
+
+    def restore(self, step: int, frozen):
+        r = self.run
+        self.hook = LosaHook(self.opts, r.model, frozen, self.calib, r.steps, r.workdir,
+                             r.evaluate, log=r.log)
+        return self.hook.restore(step, frozen)
+
+    def __call__(self, step: int, trainable, frozen):
+        return self.hook(step, trainable, frozen)
+
+    def finish(self, trainable, frozen, workdir) -> dict:
+        return self.hook.finish(trainable, frozen, workdir)
