@@ -39,6 +39,9 @@ class LlamaConfig:
     max_seq_len: int = 128
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # Llama-3.1 RoPE scaling as (factor, low_freq_factor, high_freq_factor,
+    # original_max_position_embeddings); None is plain RoPE.
+    rope_llama3: tuple[float, float, float, int] | None = None
     tie_embeddings: bool = False
     dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
@@ -114,18 +117,40 @@ def init_cache(cfg: LlamaConfig, batch: int, n_slots: int):
     return make_cache(cfg.n_layers, batch, n_slots, cfg.n_kv_heads, cfg.head_dim, cfg.dtype)
 
 
-def apply_rope(x, theta: float, positions=None):
+def rope_inv_freq(head_dim: int, theta: float, llama3: tuple | None = None):
+    """Rotary inverse frequencies (head_dim/2,), float32; with `llama3`, Llama-3.1's scaling.
+
+    `llama3 = (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)`:
+    wavelengths shorter than original/high_freq_factor keep their frequency, those longer than
+    original/low_freq_factor are divided by `factor`, and the band between is interpolated
+    smoothly (transformers' `_compute_llama3_parameters`).
+    """
+    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    if llama3 is None:
+        return inv_freq
+    factor, low, high, original = llama3
+    wavelen = 2 * jnp.pi / inv_freq
+    scaled = jnp.where(wavelen > original / low, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= original / high) & (wavelen <= original / low)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x, theta: float, positions=None, inv_freq=None):
     """Rotary embedding at `positions` (default arange(seq)), HF `rotate_half` layout.
 
     Args:
       x: (batch, seq, heads, head_dim) queries or keys.
       theta: rotary base (`rope_theta`).
       positions: int (batch, seq), or None for arange(seq).
+      inv_freq: optional precomputed (head_dim/2,) frequencies (`rope_inv_freq`); overrides theta.
     Returns:
       Array of x's shape and dtype; pairs are (i, i + head_dim/2), not interleaved.
     """
     seq, head_dim = x.shape[1], x.shape[-1]
-    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    if inv_freq is None:
+        inv_freq = rope_inv_freq(head_dim, theta)
     if positions is None:
         angles = jnp.arange(seq, dtype=jnp.float32)[:, None] * inv_freq[None]  # (seq, head_dim/2)
         angles = jnp.concatenate([angles, angles], axis=-1)[None, :, None, :]
@@ -160,8 +185,10 @@ class LlamaAttention(nn.Module):
                 name=name,
             )(x)  # (batch, seq, heads, head_dim)
 
-        q = apply_rope(proj(cfg.n_heads, "heads", "q_proj"), cfg.rope_theta, positions)
-        k = apply_rope(proj(cfg.n_kv_heads, "kv_heads", "k_proj"), cfg.rope_theta, positions)
+        inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_llama3)
+        q = apply_rope(proj(cfg.n_heads, "heads", "q_proj"), cfg.rope_theta, positions, inv_freq)
+        k = apply_rope(proj(cfg.n_kv_heads, "kv_heads", "k_proj"), cfg.rope_theta, positions,
+                       inv_freq)
         v = proj(cfg.n_kv_heads, "kv_heads", "v_proj")
         if cache is not None:
             cache, k, v = update_cache(cache, k, v, cache_index)
