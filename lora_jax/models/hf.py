@@ -322,6 +322,11 @@ def load_hf_checkpoint(
         raise FileNotFoundError(f"No config.json in {path!r}; pass a Hugging Face model directory.")
     with open(cfg_path) as fh:
         hf_cfg = json.load(fh)
+    if hf_cfg.get("model_type") == "bert":  # an encoder: its own loader (models/hf_bert.py)
+        from lora_jax.models.hf_bert import load_bert_checkpoint
+
+        return load_bert_checkpoint(path, scan_layers=scan_layers, remat=remat, dtype=dtype,
+                                    param_dtype=param_dtype)
     cfg = config_from_hf(hf_cfg, scan_layers=scan_layers, remat=remat, dtype=dtype,
                          param_dtype=param_dtype)
     family = hf_cfg["model_type"]

@@ -57,7 +57,7 @@ def randomize(adapters, seed: int = 3):
     trainable, state = lj.split(adapters)
     leaves, tree = jax.tree.flatten(trainable)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
-    leaves = [x + 0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]
+    leaves = [x + 0.02 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]
     return lj.join(jax.tree.unflatten(tree, leaves), state)
 
 
