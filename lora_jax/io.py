@@ -4,7 +4,7 @@ An exported adapter is a directory with ``adapters.msgpack`` (the arrays, keyed 
 and ``spec.json`` (per path: method name and arguments, scale, layout, dropout; plus free-form metadata such
 as the ``LoraSpec`` and the model it was trained on). ``load_adapters`` rebuilds the ``Adapter``
 nodes and, given the base parameters, checks every path and shape before anything runs. PEFT's
-safetensors format lives in ``interop/``; training checkpoints (orbax) in ``train/``. Every file
+safetensors format lives in ``interop.py``; training checkpoints (orbax) in ``train/``. Every file
 is written with ``atomic_write`` (a kill leaves the old file or the new one, never a torn one).
 """
 
