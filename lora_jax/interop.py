@@ -249,7 +249,9 @@ def save_peft(
     if len(methods_seen) > 1:
         raise ValueError("PEFT's use_dora is one flag per adapter file; these adapters mix LoRA "
                          "and DoRA: save them as two adapters.")
-    tie = _tie_entries(family, params, entries)
+    untied = [p for p, a in rules.flatten(adapters).items()
+              if a.layout.kind == "embed" and not a.tied_head]
+    tie = False if untied else _tie_entries(family, params, entries)
     tensors = {}
     for key, e in entries.items():
         stem = f"{PREFIX}{key}."
@@ -427,6 +429,8 @@ def load_peft(
     family = family_of(params)
     flat = rules.flatten(params)
     tie = _check_tied(family, params, cfg, weights)
+    untie = _tied_head(family, params) and not tie and any(
+        m in weights for m in ("transformer.wte", "model.embed_tokens"))
     use_dora = bool(cfg.get("use_dora"))
     ranks_alphas: dict[str, set] = collections.defaultdict(set)
     placed = []  # (our path, layer, module, factors)
@@ -457,7 +461,8 @@ def load_peft(
         raise ValueError(f"{directory}: the adapter file holds no LoRA factors.")
     spec = LoraSpec(rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), targets=tuple(rules_),
                     dropout=float(cfg.get("lora_dropout") or 0.0),
-                    method="dora" if use_dora else "lora", rslora=bool(cfg.get("use_rslora")))
+                    method="dora" if use_dora else "lora", rslora=bool(cfg.get("use_rslora")),
+                    tie_head=not untie)
     adapters = rules.flatten(init_adapters(params, spec, jax.random.key(0), layouts=layouts))
     arrays = {p: {k: np.array(v, np.float32) for k, v in a.params.items()}
               for p, a in adapters.items()}
@@ -502,12 +507,8 @@ def _check_tied(family, params, cfg, weights) -> bool:
     if table not in weights:
         return False
     ties = bool(cfg.get("ensure_weight_tying")) and table.split(".")[-1] in _PEFT_TIEABLE
-    if not ties:
-        raise ValueError(
-            f"the adapter has a LoRA on the tied embedding {table!r} and leaves the LM head "
-            "unadapted (PEFT's default, ensure_weight_tying=false); lora_jax adapts the tied head "
-            "together with the table, so these logits cannot be reproduced. Retrain with "
-            "ensure_weight_tying=True, or untie the head.")
+    if not ties:  # PEFT's default: the head stays on the base table (LoraSpec(tie_head=False))
+        return False
     head = weights.get("lm_head")
     emb = weights[table]
     if head is not None and not (np.array_equal(head.get("A"), emb["B"].T)

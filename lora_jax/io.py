@@ -74,7 +74,8 @@ def save_adapters(directory: str | os.PathLike, adapters, metadata: Mapping[str,
     arrays = {p: {"params": jax.device_get(a.params), "state": jax.device_get(a.state)}
               for p, a in flat.items()}
     spec = {p: {"method": a.method.name, "args": _method_args(a.method), "scale": a.scale,
-                "dropout": a.dropout, "layout": dataclasses.asdict(a.layout)}
+                "dropout": a.dropout, "tied_head": a.tied_head,
+                "layout": dataclasses.asdict(a.layout)}
             for p, a in flat.items()}
     atomic_write(out / ARRAYS, serialization.msgpack_serialize(arrays))
     atomic_write(out / SPEC, json.dumps({"adapters": spec, "metadata": dict(metadata)},
@@ -116,7 +117,8 @@ def load_adapters(directory: str | os.PathLike, params: Mapping[str, Any] | None
             raise ValueError(f"{src / ARRAYS} has no arrays for {path!r}")
         flat[path] = Adapter(
             dict(arrays[path].get("params", {})), dict(arrays[path].get("state", {})),
-            _method(meta), meta["scale"], _layout(meta["layout"]), meta["dropout"])
+            _method(meta), meta["scale"], _layout(meta["layout"]), meta["dropout"],
+            meta.get("tied_head", True))
     adapters = rules.unflatten(flat)
     if params is not None:
         check_fits(params, adapters)

@@ -12,6 +12,7 @@ import re
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
@@ -147,11 +148,24 @@ def test_unknown_module_and_bad_shape_are_named(tmp_path):
         interop.load_peft(_copy(tmp_path / "b", "gpt2_lora", tensors=crop), params, layouts)
 
 
-def test_untied_head_on_tied_table_is_refused(tmp_path):
-    out = _copy(tmp_path, "llama_tied_lora", config={"ensure_weight_tying": False})
-    _, params, layouts = _load("llama_tied_base")
-    with pytest.raises(ValueError, match="ensure_weight_tying"):
-        interop.load_peft(out, params, layouts)
+def test_peft_default_untied_head_loads_as_tie_head_false(tmp_path):
+    """PEFT's default (ensure_weight_tying=false) adapts the tied table and leaves the LM head on
+    the base table: it loads as LoraSpec(tie_head=False) and saves back the same way."""
+    drop_head = lambda t: {k: v for k, v in t.items() if ".lm_head." not in k}
+    out = _copy(tmp_path / "in", "llama_tied_lora", config={"ensure_weight_tying": False},
+                tensors=drop_head)
+    model, params, layouts = _load("llama_tied_base")
+    untied = interop.load_peft(out, params, layouts)
+    table = lj.rules.flatten(untied)["embed_tokens/embedding"]
+    assert table.tied_head is False
+    tied = interop.load_peft(_copy(tmp_path / "tied", "llama_tied_lora"), params, layouts)
+    y_untied = lj.apply(model, params, untied, TOKENS)
+    assert float(jnp.max(jnp.abs(y_untied - lj.apply(model, params, tied, TOKENS)))) > 1e-4
+    interop.save_peft(tmp_path / "out", params, untied)
+    cfg = json.load(open(tmp_path / "out" / "adapter_config.json"))
+    assert cfg["ensure_weight_tying"] is False
+    back = interop.load_peft(tmp_path / "out", params, layouts)
+    np.testing.assert_allclose(lj.apply(model, params, back, TOKENS), y_untied, atol=1e-5)
 
 
 def test_gpt2_wte_adapter_cannot_be_saved_for_peft(tmp_path):

@@ -37,6 +37,8 @@ class Adapter:
       scale: the adapter scale s (alpha/r, or alpha/sqrt(r) for rsLoRA).
       layout: static kernel layout (axes, stacked axes, einsum strings).
       dropout: dropout rate on the adapter branch's input.
+      tied_head: for an embedding table that an LM head shares (``nn.Embed.attend``): whether the
+        head reads the adapted table (PEFT's ``ensure_weight_tying=True``) or the base one.
     """
 
     params: dict[str, Any]
@@ -45,6 +47,7 @@ class Adapter:
     scale: float = dataclasses.field(metadata=dict(static=True))
     layout: Layout = dataclasses.field(metadata=dict(static=True))
     dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
+    tied_head: bool = dataclasses.field(default=True, metadata=dict(static=True))
 
     @property
     def rank(self) -> int:
