@@ -18,10 +18,12 @@ from lora_jax.models.hf import (
     unstack_layers,
 )
 from lora_jax.models.llama import Llama, LlamaConfig, llama_config
+from lora_jax.models.vit import ViT, ViTConfig, load_hf_vit, vit_config
 
 _FAMILIES = {
     "gpt2": (GPT2, gpt2_config),
     "llama": (Llama, llama_config),
+    "vit": (ViT, vit_config),
 }
 
 
@@ -50,4 +52,8 @@ __all__ = [
     "load_hf_checkpoint",
     "stack_layers",
     "unstack_layers",
+    "ViT",
+    "ViTConfig",
+    "load_hf_vit",
+    "vit_config",
 ]
