@@ -5,6 +5,7 @@ import math
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+import numpy as np
 import pytest
 
 from experiments import vision
@@ -39,3 +40,30 @@ def test_vision_experiment_runs_every_method_and_caches_the_base(tmp_path, monke
     assert cached[0].stat().st_mtime_ns == mtime
     table = vision.table(rows, n_base)
     assert "| rot90_0to4 | lora |" in table and "| **mean** | linear_probe |" in table
+
+
+def test_dual_encoder_rules_give_one_adapter_set_per_tower():
+    from experiments import vision_clip as vc
+
+    cfg = vc.vit_config("tiny", num_classes=0)
+    model = vc.DualEncoder(cfg, vc.ViTConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32,
+                                             num_classes=0), embed_dim=8)
+    example = (jnp.zeros((2, 8, 8, 1)), jnp.asarray(vc.tokenize(["a photo of the digit one",
+                                                                 "two"])))
+    params = nn.meta.unbox(model.init(jax.random.key(0), *example)["params"])
+    layouts = vc.lj.trace_layouts(model, params, *example)
+    spec = vc.lj.LoraSpec(targets=(vc.lj.Rule(r"image/.*self_attn/(q|v)_proj/kernel", rank=4),
+                                   vc.lj.Rule(r"text/.*self_attn/(q|v)_proj/kernel", rank=2)),
+                          modules_to_save=(r"(image|text)_proj/kernel",))
+    adapters = vc.lj.init_adapters(params, spec, jax.random.key(1), layouts=layouts)
+    assert sorted(adapters) == ["image", "image_proj", "text", "text_proj"]
+    is_adapter = lambda x: isinstance(x, vc.lj.Adapter)
+    assert {a.rank for a in jax.tree.leaves(adapters["image"], is_leaf=is_adapter)} == {4}
+    assert {a.rank for a in jax.tree.leaves(adapters["text"], is_leaf=is_adapter)} == {2}
+    img, txt = vc.lj.apply(model, params, adapters, *example)
+    np.testing.assert_allclose(np.linalg.norm(txt, axis=-1), 1.0, rtol=1e-5)
+    # InfoNCE is near 0 for matching unit vectors and log(n) for identical rows.
+    eye = jnp.eye(4)[None]
+    assert float(vc.info_nce(eye, eye, temperature=0.01)) < 1e-3
+    same = jnp.ones((1, 4, 4)) / 2.0
+    np.testing.assert_allclose(float(vc.info_nce(same, same)), np.log(4), rtol=1e-5)

@@ -1,7 +1,7 @@
 """Built-in image tasks on the 8x8 handwritten digits shipped with lora_jax (`digits.npz`).
 
-A task id is `'{view}_{classes}'`: a view of the images (`plain`, `rot90` — turned a quarter
-counter-clockwise, `shift` — moved 2 pixels right and down with zero fill, `invert` — 16 − pixel)
+A task id is `'{view}_{classes}'`: a view of the images (`plain`; `rot90`, turned a quarter
+counter-clockwise; `shift`, moved 2 pixels right and down with zero fill; `invert`, 16 − pixel)
 and a class subset (`0to4`, `5to9`, `all`). The base task is `plain_0to4`; the held-out
 adaptation tasks (`HELD_OUT`) are views or classes the base never sees. Labels are always the
 digit itself (0..9), so one 10-way head serves every task. The split is by image, not by task: a

@@ -310,7 +310,8 @@ def load_hf_vit(path: str, *, scan_layers: bool = False, remat: bool = False,
     with open(cfg_path) as fh:
         hf_cfg = json.load(fh)
     tensors = {k.removeprefix("vit."): v for k, v in read_safetensors(path).items()}
-    num_classes = int(tensors["classifier.weight"].shape[0]) if "classifier.weight" in tensors else 0
+    head = tensors.get("classifier.weight")
+    num_classes = 0 if head is None else int(head.shape[0])
     cfg = vit_config_from_hf(hf_cfg, num_classes, scan_layers=scan_layers, remat=remat,
                              dtype=dtype)
     key_map = vit_key_map(cfg)

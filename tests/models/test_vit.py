@@ -71,7 +71,8 @@ def numpy_vit(w, c, pixels):
     patches = pixels.reshape(b, ch, hh // p, p, ww // p, p).transpose(0, 2, 4, 1, 3, 5)
     patches = patches.reshape(b, -1, ch * p * p)
     conv = w["embeddings.patch_embeddings.projection.weight"]
-    x = patches @ conv.reshape(conv.shape[0], -1).T + w["embeddings.patch_embeddings.projection.bias"]
+    bias = w["embeddings.patch_embeddings.projection.bias"]
+    x = patches @ conv.reshape(conv.shape[0], -1).T + bias
     x = np.concatenate([np.broadcast_to(w["embeddings.cls_token"], (b, 1, x.shape[-1])), x], 1)
     x = x + w["embeddings.position_embeddings"]
 
@@ -85,7 +86,8 @@ def numpy_vit(w, c, pixels):
     for i in range(c["num_hidden_layers"]):
         q = f"encoder.layer.{i}."
         y = ln(x, q + "layernorm_before")
-        qs, ks, vs = (heads(lin(y, f"{q}attention.attention.{n}")) for n in ("query", "key", "value"))
+        qs, ks, vs = (heads(lin(y, f"{q}attention.attention.{n}"))
+                      for n in ("query", "key", "value"))
         scores = qs @ ks.transpose(0, 1, 3, 2) / np.sqrt(qs.shape[-1])
         e = np.exp(scores - scores.max(-1, keepdims=True))
         a = (e / e.sum(-1, keepdims=True)) @ vs  # (b, heads, seq, head_dim), no mask
