@@ -182,10 +182,10 @@ def test_adapters_on_conv_and_attention_factored_equals_merged(method, scan):
     assert ("blocks" in params) == scan
     layouts = lj.trace_layouts(model, params, images)
     assert layouts["patch_embed/kernel"].kind == "conv"
-    spec = lj.LoraSpec(rank=2, alpha=4.0, method=method, init="gaussian",
+    spec = lj.LoraSpec(rank=2, alpha=4.0, method=method,
                        targets=("all-linear", r"patch_embed/kernel"))
     adapters = lj.init_adapters(params, spec, jax.random.key(1), layouts=layouts)
-    # Gaussian init leaves B = 0; shift the trainable leaves so the adapters change the output.
+    # The init leaves B = 0; shift the trainable leaves so the adapters change the output.
     trainable, state = lj.split(adapters)
     adapters = lj.join(jax.tree.map(lambda x: x + 0.1, trainable), state)
     forward = jax.jit(lambda p, x: model.apply({"params": p}, x))
