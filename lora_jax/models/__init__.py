@@ -21,11 +21,13 @@ from lora_jax.models.hf import (
 )
 from lora_jax.models.hf_bert import load_bert_checkpoint
 from lora_jax.models.llama import Llama, LlamaConfig, llama_config
+from lora_jax.models.vit import ViT, ViTConfig, load_hf_vit, vit_config
 
 _FAMILIES = {
     "bert": (bert_module, bert_config),
     "gpt2": (GPT2, gpt2_config),
     "llama": (Llama, llama_config),
+    "vit": (ViT, vit_config),
 }
 
 
@@ -58,4 +60,8 @@ __all__ = [
     "load_hf_checkpoint",
     "stack_layers",
     "unstack_layers",
+    "ViT",
+    "ViTConfig",
+    "load_hf_vit",
+    "vit_config",
 ]
