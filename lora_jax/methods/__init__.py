@@ -272,3 +272,4 @@ lora, dora, mtl, per_task, multilora, losa = LoRA, DoRA, MTL, PerTask, MultiLoRA
 for _m in (LoRA, DoRA, MTL, PerTask, MultiLoRA, LoSA, Saved):
     register(_m.name, _m)
 del _m
+from lora_jax.methods.vera import VeRA as vera; register("vera", vera)  # noqa
