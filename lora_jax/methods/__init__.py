@@ -277,3 +277,6 @@ lora, dora, mtl, per_task, multilora, losa = LoRA, DoRA, MTL, PerTask, MultiLoRA
 for _m in (LoRA, DoRA, MTL, PerTask, MultiLoRA, LoSA, Saved, Bank):
     register(_m.name, _m)
 del _m
+from lora_jax.methods.vera import VeRA as vera; register("vera", vera)  # noqa
+from lora_jax.methods.lora_fa import LoRAFA as lora_fa; register("lora_fa", lora_fa)  # noqa
+from lora_jax.methods.adalora import AdaLoRA as adalora; register("adalora", adalora)  # noqa
