@@ -129,6 +129,8 @@ def _losses(name: str, mesh_cfg: MeshConfig | None, steps: int = 3) -> np.ndarra
         batch = sharding.shard_batch({k: np.asarray(v) for k, v in batch.items()}, mesh)
     step = make_train_step(loss_fn, tx, sh)
     opt_state = tx.init(trainable)
+    if sh is not None:  # as the trainer does: optimizer state placed like its parameters
+        opt_state = sharding.put(opt_state, sh.opt_state)
     out = []
     for i in range(steps):
         trainable, opt_state, metrics = step(trainable, opt_state, frozen, batch,
