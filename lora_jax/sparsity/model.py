@@ -76,9 +76,12 @@ def capture_blocks(model: nn.Module, params, tokens: jax.Array, **kwargs) -> tup
         mod = context.module
         if context.method_name == "__call__" and mod.path == (names[0],):
             seen["module"], seen["x"] = mod.clone(parent=None, name=None), args[0]
-            if len(args) > 2 or kw:
+            plain = lambda a: a is None or (isinstance(a, tuple) and len(a) == 3
+                                             and a[1] is None and a[2] is None)
+            if len(args) > 3 or kw or not all(plain(a) for a in args[1:]):
                 raise ValueError(f"block {names[0]} is called with extra arguments; only "
-                                 "block(x) or block(x, None) are supported")
+                                 "block(x), block(x, None) or, for the KV-cache-aware models, "
+                                 "block(x, None, (causal mask, None, None)) are supported")
             raise _Stop
         return next_fun(*args, **kw)
 
