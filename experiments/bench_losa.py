@@ -165,7 +165,8 @@ def prune_markdown(res: dict, command: str) -> str:
             "| pruner | first call s (compile included) | warm s |\n|---|---:|---:|\n"
             + rows + "\n\n"
             "One Llama-7B-shaped layer (q/k/v/o 4096x4096, gate/up 4096x11008, down 11008x4096; "
-            "random weights, 512 random calibration rows, statistics included; one call per kernel, "
+            "random weights, 512 random calibration rows, statistics included; one call per "
+            "kernel, "
             "so the first kernel of each shape pays its compile), 50%, projected to 32 layers:"
             "\n\n| pruner | layer s | 32 layers, min | per kernel s |\n|---|---:|---:|---|\n"
             + llama + "\n")

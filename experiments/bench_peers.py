@@ -221,7 +221,8 @@ def run() -> dict:
     params = jax.jit(lambda k: lj.transform._unbox(model.init(k, tokens[:, :-1])["params"]))(
         jax.random.key(1))
     res = {"preset": _PRESET.value, "batch": batch, "seq": seq, "rank": rank,
-           "device": jax.devices()[0].device_kind, "skipped": {}, "versions": {"jax": jax.__version__}}
+           "device": jax.devices()[0].device_kind, "skipped": {},
+           "versions": {"jax": jax.__version__}}
     mm, mm_flops = matmul_fn()
     fns = {"matmul": mm}
     fns["lora_jax"], step, args = lora_jax_side(model, params, tokens, rank)

@@ -10,8 +10,8 @@ w.r.t. the adapters only, AdamW) of LoRA on a bf16 base against QLoRA on an NF4 
 (compute in bf16, adapters r=8 on c_attn), the median of ``--steps`` calls after a compile call;
 plus the time to dequantise every quantised kernel once, alone, and the number of dequantising
 fusions per kernel in the compiled step (1 = each kernel dequantised once per step). Steps run in
-interleaved rounds (``--steps`` of them), medians and ranges are reported. Results go to ``--out`` (JSON) and, with ``--markdown``,
-to the '## QLoRA' section of BENCHMARKS.md.
+interleaved rounds (``--steps`` of them), medians and ranges are reported. Results go to ``--out``
+(JSON) and, with ``--markdown``, to the '## QLoRA' section of BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -183,8 +183,9 @@ def markdown(res: dict, command: str) -> str:
     for name, label in (("lora_bf16", "LoRA, bf16 base"), ("qlora_nf4", "QLoRA, NF4 base"),
                         ("qlora_int8", "QLoRA, int8 base")):
         r = res["ratio_to_lora"][name]
-        lines.append(f"| {label} | {s[name]['median']:.3f} | {s[name]['min']:.3f}–"
-                     f"{s[name]['max']:.3f} | {r['median']:.3f} | {r['min']:.3f}–{r['max']:.3f} |")
+        t = s[name]
+        lines.append(f"| {label} | {t['median']:.3f} | {t['min']:.3f}–{t['max']:.3f} | "
+                     f"{r['median']:.3f} | {r['min']:.3f}–{r['max']:.3f} |")
     lines += [
         "", f"Dequantising every quantised kernel once, alone: NF4 "
         f"{res['dequant_all_nf4_s']:.3f} s, int8 {res['dequant_all_int8_s']:.3f} s. "

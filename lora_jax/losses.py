@@ -94,7 +94,7 @@ def chunked_softmax_cross_entropy(hidden: jax.Array, table: jax.Array, labels: j
                          "For a Dense LM head pass kernel.T.")
     n = labels.size
     if chunk_size <= 0 or n % chunk_size:
-        raise ValueError(f"chunk_size={chunk_size} must divide the {n} tokens; e.g. "
-                         f"{next(c for c in (512, 256, 128, 64, 32, 16, 8, 4, 2, 1) if n % c == 0)}.")
+        fits = next(c for c in (512, 256, 128, 64, 32, 16, 8, 4, 2, 1) if n % c == 0)
+        raise ValueError(f"chunk_size={chunk_size} must divide the {n} tokens; e.g. {fits}.")
     return _chunked_xent(hidden.reshape(n, hidden.shape[-1]), table, labels.reshape(n), chunk_size,
                          table_grad)

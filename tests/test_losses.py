@@ -33,7 +33,8 @@ def test_value_and_gradients_equal_plain(chunk):
 
 def test_bf16_hidden_accumulates_in_float32():
     h, table, labels = _case(1)
-    got = chunked_softmax_cross_entropy(h.astype(jnp.bfloat16), table.astype(jnp.bfloat16), labels, 8)
+    hb, tb = h.astype(jnp.bfloat16), table.astype(jnp.bfloat16)
+    got = chunked_softmax_cross_entropy(hb, tb, labels, 8)
     want = _plain(h.astype(jnp.bfloat16).astype(jnp.float32),
                   table.astype(jnp.bfloat16).astype(jnp.float32), labels)
     assert got.dtype == jnp.float32

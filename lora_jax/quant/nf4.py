@@ -2,20 +2,20 @@
 
 A kernel has `n_stack` leading stacked (layer) axes, then input axes, then output axes. Blocks of
 `block_size` (64) run along one input axis (`in_axis`; the FIRST input axis, axis `n_stack`, by
-default), one block per element of the other axes;
-each block keeps its absmax and each value the index of the nearest of the 16 NF4 levels (times
-absmax). Two indices pack into one uint8 along that axis: element 2i in the HIGH nibble, element
-2i+1 in the LOW nibble (bitsandbytes' order). Double quantisation subtracts the per-slice mean of the
-absmax constants and quantises the rest in groups of `dq_block_size` (256) consecutive constants
-along the LAST axis of the absmax array (the final group may be shorter), each group scaled by its
-own absmax. The default, 'dynamic', is bitsandbytes' scheme: the nearest of the 256 values of its
-dynamic 8-bit code (`DYNAMIC_CODE`), stored as a uint8 index; 'linear' stores symmetric int8
-(round(x * 127)). The absmax dtype says which (uint8 dynamic, int8 linear, float32 none). With
-d_in = block_size the groups are bitsandbytes' exactly (it groups the flattened (d_out, d_in / 64)
-array, which straddles output channels otherwise; we keep the kernel's axes instead); tests compare
-against its dequantised values. Storage: 4 + 8/64 + 32/(64*256) ~= 4.127 bits per parameter. Every field keeps the
-kernel's axes (leading stacked axes included), so the fields shard like the kernel and `nn.scan` can
-slice them. Nothing here knows about models; int8 storage lives in `lora_jax.quant.int8`.
+default), one block per element of the other axes; each block keeps its absmax and each value the
+index of the nearest of the 16 NF4 levels (times absmax). Two indices pack into one uint8 along
+that axis: element 2i in the HIGH nibble, element 2i+1 in the LOW nibble (bitsandbytes' order).
+Double quantisation subtracts the per-slice mean of the absmax constants and quantises the rest in
+groups of `dq_block_size` (256) consecutive constants along the LAST axis of the absmax array (the
+final group may be shorter), each group scaled by its own absmax. The default, 'dynamic', is
+bitsandbytes' scheme: the nearest of the 256 values of its dynamic 8-bit code (`DYNAMIC_CODE`),
+stored as a uint8 index; 'linear' stores symmetric int8 (round(x * 127)). The absmax dtype says
+which (uint8 dynamic, int8 linear, float32 none). With d_in = block_size the groups are
+bitsandbytes' exactly (it groups the flattened (d_out, d_in / 64) array, which straddles output
+channels otherwise; we keep the kernel's axes instead); tests compare against its dequantised
+values. Storage: 4 + 8/64 + 32/(64*256) ~= 4.127 bits per parameter. Every field keeps the kernel's
+axes (leading stacked axes included), so the fields shard like the kernel and `nn.scan` can slice
+them. Nothing here knows about models; int8 storage lives in `lora_jax.quant.int8`.
 """
 
 from __future__ import annotations

@@ -5,12 +5,12 @@ Every pruner takes a Flax kernel ``w`` of shape ``(d_in, d_out)`` (``y = x @ w``
 has exactly the requested number of ``False`` entries; entries of ``w`` that are already zero are
 pruned first (they count towards the sparsity; if there are more of them than the budget, the
 extras stay zero at positions the mask calls kept). Patterns: ``None`` (unstructured) or ``(n, m)``
-(N:M: in every group of ``m`` consecutive input features, each output feature keeps ``n``).
-The lowest scores are found without sorting: a 32-step binary search for the k-th smallest
-order-preserving integer key, ties going to the lower index, which is exactly the mask of a stable
-double argsort (tests/sparsity/test_pruner_masks.py). Calibration statistics (``CalibStats``) are accumulated batch by batch from a layer's inputs.
-What does not live here: walking a model to collect inputs, per-layer sparsity allocation (see
-``losa.py``), and anything stateful.
+(N:M: in every group of ``m`` consecutive input features, each output feature keeps ``n``). The
+lowest scores are found without sorting: a 32-step binary search for the k-th smallest order-
+preserving integer key, ties going to the lower index, which is exactly the mask of a stable double
+argsort (tests/sparsity/test_pruner_masks.py). Calibration statistics (``CalibStats``) are
+accumulated batch by batch from a layer's inputs. What does not live here: walking a model to
+collect inputs, per-layer sparsity allocation (see ``losa.py``), and anything stateful.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 The fixture ``fixtures/bnb_nf4.npz`` is made by ``fixtures/make_bnb_nf4.py`` (bitsandbytes 0.50.2 on
 CPU). Its kernel is (64, 520): one NF4 block per output channel, so bitsandbytes' groups of 256
 consecutive absmax constants are lora_jax's groups along the output axis, and every stage can be
-compared: the dynamic code, the mean, the group absmax, the 8-bit indices and the dequantised kernel.
+compared: the dynamic code, the mean, the group absmax, the 8-bit indices and the dequantised
+kernel.
 """
 
 from pathlib import Path
