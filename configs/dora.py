@@ -8,7 +8,7 @@ from configs import common, lora
 
 def get_config(arg: str = ""):
     config = lora.get_config(arg)
-    config.method = "dora"
+    config = common.set_method(config, "dora")
     return config
 
 

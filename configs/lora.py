@@ -31,7 +31,7 @@ def get_config(arg: str = ""):
     config.adapter.alpha = float(a["alpha"])
     config.adapter.targets = a["targets"]
     config.adapter.rslora = a["rslora"]
-    config.adapter.init = a["init"]
+    config.method_args.init_weights = a["init"]
     config.train.steps = a["steps"]
     return common.apply_size(config, size)
 

@@ -5,7 +5,7 @@
 
 Every point runs the same number of steps on the same data and base; each method keeps its own
 config's learning rate (3e-3 for the adapters, 1e-3 for full fine-tuning: configs/full_ft.py).
-PiSSA is LoRA with ``adapter.init='pissa'`` (A, B from the top-r SVD of W; W keeps the residual).
+PiSSA is LoRA with ``method_args.init_weights='pissa'`` (A, B from the top-r SVD of W; W keeps the residual).
 Results: docs/ablations.md.
 """
 
@@ -28,9 +28,10 @@ def get_sweep(arg: str = ""):
     ranks = (8,) if size == "small" else (8, 32)
     points = []
     for rank in ranks:
-        points += [{"method": m, "adapter.init": init, "adapter.rank": rank, "optim.lr": lr_adapter}
+        points += [{"method": m, "method_args.init_weights": init, "adapter.rank": rank,
+                    "optim.lr": lr_adapter}
                    for m, init in (("lora", "default"), ("dora", "default"), ("lora", "pissa"))]
-    points.append({"method": "full", "adapter.init": "default", "adapter.rank": ranks[0],
+    points.append({"method": "full", "method_args.init_weights": "default", "adapter.rank": ranks[0],
                    "optim.lr": lr_full})
     if size == "small":  # one rank: leave it out of the names
         for p in points:

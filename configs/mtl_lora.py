@@ -51,16 +51,16 @@ def get_config(arg: str = ""):
     if a["method"] not in METHODS:
         raise ValueError(f"method={a['method']!r}; use one of {METHODS}")
     rank = a["rank"] or MATCHED_RANK[a["method"]]
-    config = common.get_config()
-    config.method = a["method"]
+    config = common.set_method(common.get_config(), a["method"], *METHODS)
     config.data.tasks = TASKS
+    config.method_args.num_tasks = len(TASKS)
     config.adapter.rank = rank
     config.adapter.alpha = 2.0 * rank
     config.adapter.targets = "all-linear"
-    config.mtl.num_up = a["num_up"]
-    config.mtl.temperature = float(a["temperature"])
-    config.mtl.diagonal = a["diagonal"]
-    config.mtl.num_loras = a["num_loras"]
+    config.method_args.num_up = a["num_up"]
+    config.method_args.temperature = float(a["temperature"])
+    config.method_args.diagonal = a["diagonal"]
+    config.method_args.num_loras = a["num_loras"]
     config.train.steps = a["steps"]
     config.train.eval_every = 200
     return config
@@ -76,10 +76,10 @@ def get_sweep(arg: str = ""):
     (one at a time around the default), and the baselines' ranks."""
     del arg
     return ([_point(m) for m in METHODS]
-            + [_point("mtl", **{"mtl.temperature": t}) for t in (0.5, 1.0, 5.0)]
-            + [_point("mtl", **{"mtl.num_up": n}) for n in (1, 2, 4)]
-            + [_point("mtl", **{"mtl.diagonal": True})]
+            + [_point("mtl", **{"method_args.temperature": t}) for t in (0.5, 1.0, 5.0)]
+            + [_point("mtl", **{"method_args.num_up": n}) for n in (1, 2, 4)]
+            + [_point("mtl", **{"method_args.diagonal": True})]
             + [_point("mtl", r) for r in (2, 4, 16)]
             + [_point("per_task", r) for r in (1, 2, 8)]
             + [_point("lora", r) for r in (4, 8, 32)]
-            + [_point("multilora", r, **{"mtl.num_loras": n}) for r, n in ((5, 1), (2, 8))])
+            + [_point("multilora", r, **{"method_args.num_loras": n}) for r, n in ((5, 1), (2, 8))])

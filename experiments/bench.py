@@ -23,6 +23,7 @@ import optax
 from absl import app, flags
 
 import lora_jax as lj
+from lora_jax.train import make_train_step
 from experiments.benchlib import peak_mib, time_fn, write_section
 from lora_jax.models import get_model
 
@@ -74,12 +75,8 @@ def run() -> dict:
     def xent(logits):
         return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
-    def make_step(loss):
-        def step(trainable, opt_state, frozen):
-            g = jax.grad(loss)(trainable, frozen)
-            updates, opt_state = tx.update(g, opt_state, trainable)
-            return optax.apply_updates(trainable, updates), opt_state
-        return jax.jit(step, donate_argnums=(0, 1))
+    def make_step(loss):  # lora_jax's one train step, over this bench's loss (no batch, rng)
+        return make_train_step(lambda t, f, batch, rng: loss(t, f), tx)
 
     full_loss = lambda p, _: xent(model.apply({"params": p}, tokens))
     factored_loss = lambda a, p: xent(lj.apply(model, p, a, tokens))
@@ -95,10 +92,10 @@ def run() -> dict:
     ]:
         step = make_step(loss)
         state = [copy(trainable), tx.init(trainable)]  # donated and replaced at every call
-        peaks[name] = peak_mib(step, *state, frozen)
+        peaks[name] = peak_mib(step, *state, frozen, None, None)
 
         def call(step=step, state=state, frozen=frozen):
-            state[:] = step(*state, frozen)
+            state[:] = step(*state, frozen, None, None)[:2]
             return state[0]
 
         results[name] = time_fn(call, steps=steps)

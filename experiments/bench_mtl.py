@@ -25,6 +25,7 @@ import optax
 from absl import app, flags
 
 import lora_jax as lj
+from lora_jax.train import make_train_step
 from experiments.benchlib import peak_mib, write_section
 from lora_jax.models import get_model
 
@@ -40,8 +41,8 @@ _OUT = flags.DEFINE_string("out", "runs/bench_mtl.json", "Where to write the JSO
 _MARKDOWN = flags.DEFINE_bool("markdown", False, "Rewrite BENCHMARKS.md's section.")
 
 SECTION = "## MTL-LoRA"
-OPTIONS = {"lora": lambda t: (), "mtl": lambda t: (("num_tasks", t), ("num_up", 3)),
-           "per_task": lambda t: (("num_tasks", t),), "multilora": lambda t: (("num_loras", 3),)}
+ARGS = {"lora": lambda t: {}, "mtl": lambda t: {"num_tasks": t, "num_up": 3},
+        "per_task": lambda t: {"num_tasks": t}, "multilora": lambda t: {"num_loras": 3}}
 
 
 # The next two as in experiments/bench.py, which defines its flags at import (so is not imported).
@@ -60,28 +61,23 @@ def run() -> dict:
     layouts = lj.trace_layouts(model, params, tokens)
     tx = optax.adamw(1e-4)
 
-    def make_step():
-        def loss(trainable, frozen):
-            logits = lj.apply(model, frozen, trainable, tokens, task_ids=task_ids)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+    batch, key = {"inputs": tokens, "targets": targets, "task_ids": task_ids}, jax.random.key(3)
 
-        def step(trainable, opt_state, frozen):
-            g = jax.grad(loss)(trainable, frozen)
-            updates, opt_state = tx.update(g, opt_state, trainable)
-            return optax.apply_updates(trainable, updates), opt_state
-        return jax.jit(step, donate_argnums=(0, 1))
+    def loss(trainable, frozen, batch, rng):
+        logits = lj.apply(model, frozen, trainable, batch["inputs"], task_ids=batch["task_ids"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
 
     methods, counts, peaks = {}, {}, {}
     for name in _METHODS.value:
-        spec = lj.LoraSpec(rank=rank, alpha=2.0 * rank, targets=("qv",), method=name,
-                           options=OPTIONS[name](num_tasks))
+        spec = lj.LoraSpec(rank=rank, alpha=2.0 * rank, targets=("qv",),
+                           method=lj.methods.make(name, **ARGS[name](num_tasks)))
         adapters = lj.init_adapters(params, spec, jax.random.key(2), layouts=layouts)
         adapters = jax.tree.map(lambda x: x + 0.01, adapters)  # non-zero B: a real adapter
-        step = make_step()
+        step = make_train_step(loss, tx)
         opt_state = tx.init(adapters)
-        peaks[name] = peak_mib(step, adapters, opt_state, params)
+        peaks[name] = peak_mib(step, adapters, opt_state, params, batch, key)
         counts[name] = lj.count_params(adapters)
-        state = list(step(adapters, opt_state, params))  # compile + one warm-up step
+        state = list(step(adapters, opt_state, params, batch, key))  # compile + one warm-up step
         jax.block_until_ready(state)
         methods[name] = (step, state)
 
@@ -89,7 +85,7 @@ def run() -> dict:
     for _ in range(_STEPS.value):
         for name, (step, state) in methods.items():
             t0 = time.perf_counter()
-            state[0], state[1] = step(state[0], state[1], params)
+            state[0], state[1], _ = step(state[0], state[1], params, batch, key)
             jax.block_until_ready(state[0])
             times[name].append(time.perf_counter() - t0)
     step_ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}

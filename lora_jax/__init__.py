@@ -11,9 +11,12 @@
 Importing this package has no side effects.
 """
 
-from lora_jax import nnx
+from lora_jax import interop, methods, nnx
+from lora_jax.bank import combine, set_slot, stack_adapters
+from lora_jax.generate import generate, greedy_exact_match
+from lora_jax.interop import peft_targets
 from lora_jax.layers import Layout
-from lora_jax.methods import Adapter, Ctx
+from lora_jax.methods import Adapter, Ctx, Method
 from lora_jax.optim import adapter_labels, adapter_optimizer
 from lora_jax.quant import dequantize_params, merge_quantized, quantize_params
 from lora_jax.rules import PRESETS, Rule, select_targets
@@ -25,15 +28,21 @@ from lora_jax.transform import (
     join,
     materialized,
     merge,
+    regularizer,
     split,
     summary,
     trace_layouts,
+    transform_base,
     unmerge,
+    with_params,
 )
 
 __all__ = [
-    "Adapter", "Ctx", "Layout", "LoraSpec", "PRESETS", "Rule", "adapter_labels",
+    "Adapter", "Ctx", "Layout", "LoraSpec", "Method", "methods", "regularizer", "transform_base",
+    "with_params", "PRESETS", "Rule", "adapter_labels",
     "adapter_optimizer", "apply", "count_params", "init_adapters", "join", "materialized",
     "merge", "nnx", "select_targets", "split", "summary", "trace_layouts", "unmerge",
     "dequantize_params", "merge_quantized", "quantize_params",
+    "combine", "generate", "greedy_exact_match", "set_slot", "stack_adapters",
+    "interop", "peft_targets",
 ]

@@ -1,10 +1,11 @@
 """Saving and loading adapters and parameter trees as files (msgpack arrays + a JSON spec).
 
 An exported adapter is a directory with ``adapters.msgpack`` (the arrays, keyed by kernel path)
-and ``spec.json`` (per path: method, scale, layout, dropout, options; plus free-form metadata such
+and ``spec.json`` (per path: method name and arguments, scale, layout, dropout; plus free-form metadata such
 as the ``LoraSpec`` and the model it was trained on). ``load_adapters`` rebuilds the ``Adapter``
 nodes and, given the base parameters, checks every path and shape before anything runs. PEFT's
-safetensors format lives in ``interop/``; training checkpoints (orbax) in ``train/``.
+safetensors format lives in ``interop.py``; training checkpoints (orbax) in ``train/``. Every file
+is written with ``atomic_write`` (a kill leaves the old file or the new one, never a torn one).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -19,7 +21,7 @@ import jax
 import numpy as np
 from flax import serialization
 
-from lora_jax import rules
+from lora_jax import methods, rules
 from lora_jax.layers import Layout
 from lora_jax.methods import Adapter
 
@@ -27,10 +29,41 @@ ARRAYS = "adapters.msgpack"
 SPEC = "spec.json"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Writes ``data`` to ``path`` so that a kill at any moment leaves the old file or the new one.
+
+    The bytes go to a temporary file beside ``path`` (unique per process), are fsynced, and
+    replace ``path`` with ``os.replace``; the directory is fsynced so the rename survives too.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """Reads JSON from ``path``; an empty or truncated file is a one-line ``ValueError``.
+
+    ``what`` says what the user should do about a broken file, e.g. "delete it and rerun to
+    recompute the base evaluation". A missing file raises ``FileNotFoundError`` as usual.
+    """
+    text = Path(path).read_text()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        state = "empty" if not text.strip() else f"truncated or corrupt ({e.msg} at line {e.lineno})"
+        raise ValueError(f"{path} is {state}; {what}") from None
 
 
 def save_adapters(directory: str | os.PathLike, adapters, metadata: Mapping[str, Any] = ()) -> None:
@@ -40,12 +73,24 @@ def save_adapters(directory: str | os.PathLike, adapters, metadata: Mapping[str,
     flat = rules.flatten(adapters)
     arrays = {p: {"params": jax.device_get(a.params), "state": jax.device_get(a.state)}
               for p, a in flat.items()}
-    spec = {p: {"method": a.method, "scale": a.scale, "dropout": a.dropout,
-                "options": [list(o) for o in a.options], "layout": dataclasses.asdict(a.layout)}
+    spec = {p: {"method": a.method.name, "args": _method_args(a.method), "scale": a.scale,
+                "dropout": a.dropout, "tied_head": a.tied_head,
+                "layout": dataclasses.asdict(a.layout)}
             for p, a in flat.items()}
-    _atomic_write(out / ARRAYS, serialization.msgpack_serialize(arrays))
-    _atomic_write(out / SPEC, json.dumps({"adapters": spec, "metadata": dict(metadata)},
-                                         indent=1, default=str).encode())
+    atomic_write(out / ARRAYS, serialization.msgpack_serialize(arrays))
+    atomic_write(out / SPEC, json.dumps({"adapters": spec, "metadata": dict(metadata)},
+                                        indent=1, default=str).encode())
+
+
+def _method_args(method) -> dict:
+    return {f.name: getattr(method, f.name) for f in dataclasses.fields(method)}
+
+
+def _method(meta: Mapping[str, Any]):
+    """The method object of one spec entry (files of lora_jax <= 0.1 stored 'options' pairs)."""
+    args = meta.get("args", dict(map(tuple, meta.get("options", ()))))
+    name = {"full": "saved"}.get(meta["method"], meta["method"])
+    return methods.make(name, **args)
 
 
 def _layout(d: Mapping[str, Any]) -> Layout:
@@ -61,7 +106,7 @@ def load_adapters(directory: str | os.PathLike, params: Mapping[str, Any] | None
     for name in (ARRAYS, SPEC):
         if not (src / name).is_file():
             raise FileNotFoundError(f"{src / name} is missing: is {src} an exported adapter?")
-    spec = json.loads((src / SPEC).read_text())
+    spec = read_json(src / SPEC, "export the adapter again")
     try:
         arrays = serialization.msgpack_restore((src / ARRAYS).read_bytes())
     except Exception as e:  # msgpack raises several types for truncated / corrupt files
@@ -72,8 +117,8 @@ def load_adapters(directory: str | os.PathLike, params: Mapping[str, Any] | None
             raise ValueError(f"{src / ARRAYS} has no arrays for {path!r}")
         flat[path] = Adapter(
             dict(arrays[path].get("params", {})), dict(arrays[path].get("state", {})),
-            meta["method"], meta["scale"], _layout(meta["layout"]), meta["dropout"],
-            tuple(tuple(o) for o in meta["options"]))
+            _method(meta), meta["scale"], _layout(meta["layout"]), meta["dropout"],
+            meta.get("tied_head", True))
     adapters = rules.unflatten(flat)
     if params is not None:
         check_fits(params, adapters)
@@ -87,7 +132,7 @@ def check_fits(params: Mapping[str, Any], adapters) -> None:
         if path not in flat:
             raise ValueError(f"adapter path {path!r} is not in the parameters")
         shape = tuple(np.shape(flat[path]))[a.layout.n_stack:]
-        if a.method != "full" and shape != a.layout.kernel_shape:
+        if a.layout.kind != "full" and shape != a.layout.kernel_shape:
             raise ValueError(f"adapter for {path!r} expects kernel {a.layout.kernel_shape}, "
                              f"the parameters have {shape}")
 
@@ -95,7 +140,7 @@ def check_fits(params: Mapping[str, Any], adapters) -> None:
 def save_params(path: str | os.PathLike, params) -> None:
     """Writes a parameter tree (nested dicts of arrays) as msgpack."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(Path(path), serialization.msgpack_serialize(jax.device_get(params)))
+    atomic_write(Path(path), serialization.msgpack_serialize(jax.device_get(params)))
 
 
 def load_params(path: str | os.PathLike):

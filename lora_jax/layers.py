@@ -165,7 +165,8 @@ def layout_of_param(path: str, shape: tuple[int, ...]) -> Layout:
         f"cannot tell the input and output axes of {path!r} (shape {tuple(shape)}) from the "
         "parameters alone; trace the model once: "
         "layouts = lj.trace_layouts(model, params, *example_inputs), then "
-        "lj.init_adapters(params, spec, key, layouts=layouts)"
+        "lj.init_adapters(params, spec, key, layouts=layouts) (for an NNX model: "
+        "layouts=lj.nnx.layouts(model))"
     )
 
 
@@ -223,3 +224,24 @@ def from_canonical(layout: Layout, w: jax.Array) -> jax.Array:
     """Inverse of ``to_canonical``."""
     src, dst = layout.canon.split("->")
     return jnp.einsum(f"{dst}->{src}", w)
+
+
+def dense_axes(layout: Layout) -> tuple[str, str, str, str]:
+    """(x spec, input letters, output letters, y spec) of a dense layout's einsums, so that
+    ``einsum(f'{x},{ins}{outs}->{y}', x, to_canonical(layout, kernel))`` is the layer's ``x·W``."""
+    x_spec, rest = layout.xa.split(",")
+    ins = rest.split("->")[0].replace(R, "")
+    outs = layout.hb.split(",")[1].split("->")[0].replace(R, "")
+    return x_spec, ins, outs, layout.hb.split("->")[1]
+
+
+def base_output(layout: Layout, x: jax.Array, kernel: jax.Array, module: Any = None) -> jax.Array:
+    """``x·W`` (no bias) of one layer (stacked axes sliced off), for a dense or conv layout."""
+    if layout.kind == "conv":
+        conv = module.clone(parent=None, use_bias=False)
+        return conv.apply({"params": {"kernel": kernel.astype(x.dtype)}}, x)
+    if layout.kind != "dense":
+        raise ValueError(f"no base output for a {layout.kind!r} layout")
+    x_spec, ins, outs, y_spec = dense_axes(layout)
+    return jnp.einsum(f"{x_spec},{ins}{outs}->{y_spec}", x,
+                      to_canonical(layout, kernel).astype(x.dtype))

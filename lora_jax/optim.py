@@ -1,57 +1,63 @@
-"""Optimisers over adapters: ``optax.multi_transform`` over labels, LoRA+ learning-rate groups.
+"""Optimisers over adapters: ``optax.multi_transform`` over the groups each method declares.
 
 Gradients are taken with respect to the adapter tree only (the frozen base is a closed-over
-argument of the loss), so the base gets neither gradient buffers nor optimizer state. Within the
-adapter tree, leaves are labelled:
+argument of the loss), so the base gets neither gradient buffers nor optimizer state. Each
+method names the optimizer group of its leaves (``Method.param_groups``):
 
-- ``'b'``: LoRA's B factors, when ``lora_plus_ratio`` is set (LoRA+: B learns ``ratio`` times
-  faster; the update after ``tx`` is scaled, which for Adam(W) equals scaling B's learning rate);
-- ``'frozen'``: non-trainable adapter state (``Adapter.state``), given ``optax.set_to_zero`` and
-  so no optimizer state;
-- ``'default'``: everything else.
+- ``'default'``: the base optimizer ``tx``;
+- ``'frozen'``: no update and no optimizer state (``optax.set_to_zero``); adapter *state* (masks,
+  base norms, frozen factors) is always frozen;
+- any other group: ``tx`` followed by the method's ``group_transform(group)`` (LoRA+: B's updates
+  scaled by the ratio, which for Adam(W) equals scaling B's learning rate).
+
+Then each method may wrap the whole transformation (``Method.wrap_optimizer``, e.g. AdaLoRA's
+importance and budget masking). Gradient clipping belongs OUTSIDE this transformation
+(``optax.chain(optax.clip_by_global_norm(c), adapter_optimizer(tx, adapters))``), so it clips
+once over every trainable leaf, not per group.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import optax
-from jax.tree_util import DictKey, GetAttrKey
+
+from lora_jax.methods import is_adapter, methods_of
 
 
-def _label(path, lora_plus: bool) -> str:
-    names = [k.name if isinstance(k, GetAttrKey) else getattr(k, "key", None) for k in path]
-    if "state" in names and isinstance(path[names.index("state")], GetAttrKey):
-        return "frozen"
-    if lora_plus and isinstance(path[-1], DictKey) and path[-1].key == "b" and "params" in names:
-        return "b"
-    return "default"
+def _labels_of(adapter) -> object:
+    groups = adapter.method.param_groups(adapter)
+    tag = lambda g: g if g in ("default", "frozen") else f"{adapter.method!r}/{g}"
+    return dataclasses.replace(
+        adapter, params={k: tag(groups.get(k, "default")) for k in adapter.params},
+        state={k: "frozen" for k in adapter.state})
 
 
-def adapter_labels(tree, lora_plus: bool = False):
-    """The label of every leaf of an adapter tree (see the module docstring)."""
-    return jax.tree_util.tree_map_with_path(lambda p, _: _label(p, lora_plus), tree)
+def adapter_labels(tree):
+    """The optimizer group label of every leaf of an adapter tree (see the module docstring)."""
+    return jax.tree.map(lambda a: _labels_of(a) if is_adapter(a) else "default", tree,
+                        is_leaf=is_adapter)
 
 
-def adapter_optimizer(
-    tx: optax.GradientTransformation,
-    adapters,
-    *,
-    lora_plus_ratio: float | None = None,
-) -> optax.GradientTransformation:
-    """``tx`` for adapters, with LoRA+ groups and no state for frozen adapter state.
+def adapter_optimizer(tx: optax.GradientTransformation, adapters) -> optax.GradientTransformation:
+    """``tx`` for adapters, with each method's optimizer groups and wrapper.
 
     Args:
-      tx: the base optimizer, e.g. ``optax.adamw(1e-3)``.
+      tx: the base optimizer, e.g. ``optax.adamw(1e-3)`` (no clipping inside: see above).
       adapters: the tree that will be optimised (``lj.init_adapters`` output, or the trainable
-        half of ``lj.split``); used to check that the labels make sense.
-      lora_plus_ratio: LoRA+'s η_B/η_A (the paper suggests 16); None disables it.
+        half of ``lj.split``); its methods declare the groups.
     Returns:
-      An ``optax.multi_transform`` whose labels are computed from the tree it is given.
+      An ``optax.multi_transform`` whose labels are computed from the tree it is given, wrapped
+      by the methods that wrap the optimizer.
     """
-    lora_plus = lora_plus_ratio is not None
-    if lora_plus and "b" not in jax.tree.leaves(adapter_labels(adapters, True)):
-        raise ValueError("lora_plus_ratio is set but the adapters have no B factors")
     transforms = {"default": tx, "frozen": optax.set_to_zero()}
-    if lora_plus:
-        transforms["b"] = optax.chain(tx, optax.scale(lora_plus_ratio))
-    return optax.multi_transform(transforms, lambda tree: adapter_labels(tree, lora_plus))
+    for a in jax.tree.leaves(adapters, is_leaf=is_adapter):
+        if not is_adapter(a):
+            continue
+        for group in set(a.method.param_groups(a).values()) - {"default", "frozen"}:
+            transforms[f"{a.method!r}/{group}"] = optax.chain(tx, a.method.group_transform(group))
+    out = optax.multi_transform(transforms, adapter_labels)
+    for method in methods_of(adapters):
+        out = method.wrap_optimizer(out)
+    return out

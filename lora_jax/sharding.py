@@ -151,18 +151,6 @@ def param_logical_specs(model: nn.Module, *example, **kwargs) -> dict[str, tuple
 
 # Per leaf of an adapter: tokens 'stack', 'in', 'out', 'kernel' (the kernel's own axes), None
 # (one unsharded axis, e.g. the rank) and 'rest' (every remaining axis unsharded).
-_LEAF_AXES = {"a": ("stack", "in", None), "b": ("stack", None, "out"),
-              "m": ("stack", "out"), "base_norm": ("stack", "out")}
-_METHOD_LEAF_AXES = {
-    "full": {"w": ("stack", "kernel")},
-    "mtl": {"b": ("stack", None, None, "out"), "lam": ("stack", "rest"), "w": ("stack", "rest")},
-    # methods/multi.py: one LoRA per task / per module on the axis after the stack.
-    "per_task": {"a": ("stack", None, "in", None), "b": ("stack", None, None, "out")},
-    "multilora": {"a": ("stack", None, "in", None), "b": ("stack", None, None, "out"),
-                  "lam": ("stack", None, "out")},
-}
-
-
 def _kernel_axes(adapter: Adapter, kernel_names: tuple, path: str):
     """(stack, in, out, own) logical names of the adapter's kernel."""
     layout, n = adapter.layout, adapter.layout.n_stack
@@ -183,7 +171,7 @@ def adapter_logical_specs(adapter: Adapter, kernel_names: tuple, path: str = "")
     """The adapter with each array leaf replaced by its tuple of logical axis names."""
     stack, ins, outs, own = _kernel_axes(adapter, kernel_names, path)
     tokens = {"stack": stack, "in": ins, "out": outs, "kernel": own, None: (None,)}
-    table = {**_LEAF_AXES, **_METHOD_LEAF_AXES.get(adapter.method, {})}
+    table = adapter.method.leaf_axes(adapter)  # the method owns its leaves' axes
 
     def leaf(group, name, x):
         pattern = table.get(name)

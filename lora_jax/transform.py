@@ -26,6 +26,7 @@ from flax import linen as nn
 
 from lora_jax import layers, methods, quant, rules
 from lora_jax.methods import Adapter, Ctx, is_adapter
+from lora_jax.methods.saved import Saved
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,11 +40,15 @@ class LoraSpec:
         full match against '/'-joined parameter paths, first match wins.
       exclude: regexes of paths never adapted.
       dropout: dropout rate on the adapter branch's input (training only).
-      method: 'lora' or 'dora' (or another method in ``lora_jax.methods``).
-      init: 'default' (PEFT's), 'gaussian' or 'pissa'.
+      method: a method object (``lj.methods.lora()``, ``lj.methods.dora(init_weights='pissa')``,
+        a user's registered method) or a registered name with default hyperparameters.
       rslora: use alpha/√r scaling.
       modules_to_save: regexes of (non-adapted) parameters trained fully, as a delta on the base.
-      options: method-specific settings as (name, value) pairs.
+      tie_head: a LoRA on an embedding table that the LM head shares (``nn.Embed.attend``, e.g.
+        GPT-2's ``wte``) also adapts the head (True, the default: factored == merged, PEFT's
+        ``ensure_weight_tying=True``), or leaves the head on the base table (False: PEFT's
+        default). With False, merging the table changes the head too, so export such a model
+        with an untied head (``lj.interop.save_hf`` for Llama) or keep the adapter factored.
     """
 
     rank: int = 8
@@ -51,17 +56,16 @@ class LoraSpec:
     targets: tuple = ("qv",)
     exclude: tuple = ()
     dropout: float = 0.0
-    method: str = "lora"
-    init: str = "default"
+    method: Any = "lora"
     rslora: bool = False
     modules_to_save: tuple = ()
-    options: tuple = ()
+    tie_head: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "method", methods.make(self.method))
 
     def scale(self, rank: int, alpha: float) -> float:
         return alpha / math.sqrt(rank) if self.rslora else alpha / rank
-
-    def option(self, name: str, default: Any = None) -> Any:
-        return dict(self.options).get(name, default)
 
 
 def _unbox(params):
@@ -108,8 +112,9 @@ def init_adapters(
       layouts: per-path kernel layouts from ``trace_layouts``; needed for kernels other than 2-D
         Dense kernels and Embed tables (DenseGeneral, Einsum, Conv, scanned stacks).
     Returns:
-      A nested dict mirroring ``params`` with an ``Adapter`` at each selected path. For
-      ``init='pissa'`` the base must become the residual: ``params = lj.unmerge(params, adapters)``.
+      A nested dict mirroring ``params`` with an ``Adapter`` at each selected path. A method
+      with a base transform (PiSSA: ``lj.methods.lora(init_weights='pissa')``) then needs
+      ``params, adapters = lj.transform_base(params, adapters)``.
 
     Example:
       >>> spec = lj.LoraSpec(rank=8, alpha=16.0, targets=(r".*/(query|value)/kernel",))
@@ -119,7 +124,6 @@ def init_adapters(
     flat = rules.flatten(params)
     targets = rules.select_targets(params, spec.targets, rank=spec.rank, alpha=spec.alpha,
                                    exclude=spec.exclude)
-    method = methods.get(spec.method)
     out: dict[str, Adapter] = {}
     keys = jax.random.split(key, max(len(targets), 1))
     for k, t in zip(keys, targets):
@@ -128,7 +132,10 @@ def init_adapters(
         _check_rank(t.path, t.rank, layout)
         if quant.is_quantized(kernel):  # QLoRA: init over the quantised weights
             kernel = quant.dequantize(kernel, kernel.dtype)
-        out[t.path] = method.init(k, kernel, layout, t.rank, spec.scale(t.rank, t.alpha), spec)
+        out[t.path] = spec.method.init(k, kernel, layout, t.rank, spec.scale(t.rank, t.alpha),
+                                       spec.dropout)
+        if layout.kind == "embed" and not spec.tie_head:
+            out[t.path] = dataclasses.replace(out[t.path], tied_head=False)
     if spec.modules_to_save:
         saved = rules.match_rules(sorted(flat), rules.as_rules(spec.modules_to_save),
                                   what="modules_to_save pattern")
@@ -137,7 +144,7 @@ def init_adapters(
                 raise ValueError(f"{path!r} is both an adapter target and in modules_to_save")
             shape = tuple(flat[path].shape)
             layout = layers.Layout("full", (), shape, shape)
-            out[path] = methods.get("full").init(None, flat[path], layout, 0, 1.0, spec)
+            out[path] = Saved().init(None, flat[path], layout, 0, 1.0, 0.0)
     return rules.unflatten(out)
 
 
@@ -150,6 +157,9 @@ def trace_layouts(model: nn.Module, params: Mapping[str, Any], *args, **kwargs) 
     beyond what the layer sees. Quantised kernels are traced at their logical shape. Returns
     ``{path: Layout}``.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"trace_layouts traces a linen module, got {type(model).__name__}; for an "
+                        "NNX model use layouts=lj.nnx.layouts(model)")
     found: dict[str, layers.Layout] = {}
 
     def record(next_fun, call_args, call_kwargs, context):
@@ -222,11 +232,12 @@ def _intercept(next_fun, args, kwargs, context):
         base = module.clone(parent=None)
         next_fun = lambda *a, **k: base.apply({"params": dense}, *a, method=context.method_name,
                                              **k)
-    if context.method_name == "attend" and name and module.has_variable("lora", name):
+    if (context.method_name == "attend" and name and module.has_variable("lora", name)
+            and module.get_variable("lora", name).tied_head):
         # A tied LM head reads the adapted table, so factored == merged holds for it too.
         adapter = module.get_variable("lora", name)
         table = module.get_variable("params", name) if dense is None else dense[name]
-        own = {**module.variables["params"], name: methods.get(adapter.method).merge(table, adapter)}
+        own = {**module.variables["params"], name: adapter.method.merge(table, adapter)}
         return module.clone(parent=None).apply({"params": own}, *args, method="attend", **kwargs)
     if context.method_name != "__call__" or not args:
         return next_fun(*args, **kwargs)
@@ -238,18 +249,32 @@ def _intercept(next_fun, args, kwargs, context):
     ctx = _CTX.get()
     y = next_fun(*args, **kwargs)
     x = args[0]
-    if ctx.train and adapter.dropout > 0 and adapter.layout.kind != "embed":
+    if ctx.dropout_active(adapter):
         x = _dropout(module, x, adapter.dropout)
     bias = module.get_variable("params", "bias") if module.has_variable("params", "bias") else None
-    return methods.get(adapter.method).output(y, x, adapter, kernel, bias, module, ctx)
+    return adapter.method.output(y, x, adapter, kernel, bias, module, ctx)
 
 
-def _partition_full(adapters):
-    """(low-rank adapters, 'full' adapters) — the latter are added to the parameters."""
+def _partition_saved(adapters):
+    """(intercepted adapters, ``modules_to_save`` adapters) — the latter are added to the
+    parameters before the forward pass."""
     flat = rules.flatten(adapters)
-    low = {p: a for p, a in flat.items() if a.method != "full"}
-    full = {p: a for p, a in flat.items() if a.method == "full"}
-    return rules.unflatten(low), rules.unflatten(full)
+    low = {p: a for p, a in flat.items() if not isinstance(a.method, Saved)}
+    saved = {p: a for p, a in flat.items() if isinstance(a.method, Saved)}
+    return rules.unflatten(low), rules.unflatten(saved)
+
+
+def _add_saved(params, saved):
+    """``W + D`` for each saved parameter, in float32 when W is low-precision (a bf16 base keeps
+    deltas far below its rounding step), so small trained deltas are never lost."""
+    flat = rules.flatten(params)
+    for path, a in rules.flatten(saved).items():
+        if path not in flat:
+            raise ValueError(f"adapter for {path!r} has no parameter at that path")
+        w = flat[path]
+        out = jnp.promote_types(w.dtype, jnp.float32)
+        flat[path] = w.astype(out) + a.params["w"].astype(out)
+    return rules.unflatten(flat)
 
 
 def apply(
@@ -259,6 +284,7 @@ def apply(
     *args,
     train: bool = False,
     task_ids: jax.Array | None = None,
+    adapter_ids: jax.Array | None = None,
     rngs: Any = None,
     **kwargs,
 ):
@@ -271,13 +297,16 @@ def apply(
       *args, **kwargs: passed to ``model.apply`` (e.g. tokens, ``deterministic=``, ``method=``).
       train: enables adapter dropout (needs a 'dropout' rng in ``rngs``).
       task_ids: int array (batch,) for methods that route per example (MTL-LoRA).
+      adapter_ids: int array (batch,): each example's slot in a bank (``lj.stack_adapters``),
+        -1 = base only.
       rngs: Flax rngs for ``model.apply``.
     Returns:
       Whatever ``model.apply`` returns.
     """
-    low, full = _partition_full(adapters)
-    params = merge(_unbox(params), full) if full else _unbox(params)
-    with _context(Ctx(train=train, task_ids=task_ids)), nn.intercept_methods(_intercept):
+    low, saved = _partition_saved(adapters)
+    params = _add_saved(_unbox(params), saved) if saved else _unbox(params)
+    with _context(Ctx(train=train, task_ids=task_ids, adapter_ids=adapter_ids)), \
+            nn.intercept_methods(_intercept):
         return model.apply({"params": params, "lora": low}, *args, rngs=rngs, **kwargs)
 
 
@@ -301,11 +330,10 @@ def _fold(params, adapters, fold: str, task: int | None):
                 f"adapter for {path!r} expects a kernel of shape {adapter.layout.kernel_shape} "
                 f"(per layer), got {kernel.shape}"
             )
-        method = methods.get(adapter.method)
-        if task is not None and hasattr(method, f"{fold}_task"):  # per-task methods (MTL-LoRA)
-            flat[path] = getattr(method, f"{fold}_task")(kernel, adapter, task)
+        if task is not None:  # per-task methods (MTL-LoRA)
+            flat[path] = getattr(adapter.method, f"{fold}_task")(kernel, adapter, task)
         else:
-            flat[path] = getattr(method, fold)(kernel, adapter)
+            flat[path] = getattr(adapter.method, fold)(kernel, adapter)
     return rules.unflatten(flat)
 
 
@@ -324,6 +352,54 @@ def unmerge(params: Mapping[str, Any], adapters: Mapping[str, Any], *,
             task: int | None = None) -> dict[str, Any]:
     """Inverse of ``merge`` (to float32 rounding)."""
     return _fold(params, adapters, "unmerge", task)
+
+
+def transform_base(params: Mapping[str, Any], adapters: Mapping[str, Any]):
+    """``(params, adapters)`` to train on: each method's base transform of its kernel and itself,
+    e.g. PiSSA's residual ``W − s·A B`` (``Method.transform_base``). Identity for most methods."""
+    flat = rules.flatten(_unbox(params))
+    out = {}
+    for path, adapter in rules.flatten(adapters).items():
+        if path not in flat:
+            raise ValueError(f"adapter for {path!r} has no parameter at that path")
+        kernel = flat[path]
+        if quant.is_quantized(kernel):
+            dense = quant.dequantize(kernel, jnp.float32)
+            new, out[path] = adapter.method.transform_base(dense, adapter)
+            if new is not dense:
+                raise ValueError(f"{path!r} is quantised, and method {adapter.method!r} "
+                                 "transforms its base (e.g. PiSSA's residual), which would need "
+                                 "re-quantising (QPiSSA/LoftQ, not supported); use a dense base")
+            continue
+        flat[path], out[path] = adapter.method.transform_base(kernel, adapter)
+    return rules.unflatten(flat), rules.unflatten(out)
+
+
+def regularizer(adapters: Mapping[str, Any]):
+    """The sum of every adapter's ``Method.regularizer`` (0.0 when no method has one): the
+    methods' loss terms, added to the training loss by the trainer (or by user code)."""
+    terms = [a.method.regularizer(a) for a in jax.tree.leaves(adapters, is_leaf=is_adapter)
+             if is_adapter(a)]
+    terms = [t for t in terms if t is not None]
+    return sum(terms[1:], terms[0]) if terms else jnp.float32(0.0)
+
+
+def with_params(adapters: Mapping[str, Any], tree: Mapping[str, Any]):
+    """``adapters`` with their trainable arrays replaced by ``tree`` (a nested dict mirroring the
+    adapters, holding each adapter's params dict, e.g. ``{'dense': {'kernel': {'a': A, 'b':
+    B}}}``). Shapes and leaf names must match: this is how user arrays become adapters."""
+
+    def one(adapter, new):
+        if set(new) != set(adapter.params):
+            raise ValueError(f"params {sorted(new)} do not match the adapter's "
+                             f"{sorted(adapter.params)}")
+        for k, v in new.items():
+            if jnp.shape(v) != jnp.shape(adapter.params[k]):
+                raise ValueError(f"params[{k!r}] has shape {jnp.shape(v)}, the adapter's has "
+                                 f"{jnp.shape(adapter.params[k])}")
+        return dataclasses.replace(adapter, params=dict(new))
+
+    return jax.tree.map(one, adapters, tree, is_leaf=is_adapter)
 
 
 def materialized(fn: Callable) -> Callable:
@@ -365,7 +441,7 @@ def summary(params: Mapping[str, Any], adapters: Mapping[str, Any]) -> str:
     adapter parameters over base + adapter parameters)."""
     rows = [("path", "method", "rank", "kernel", "trainable")]
     for path, a in sorted(rules.flatten(adapters).items()):
-        rows.append((path, a.method, str(a.rank or "-"),
+        rows.append((path, a.method.name, str(a.rank or "-"),
                      "x".join(map(str, a.layout.kernel_shape)), f"{count_params(a.params):,}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]

@@ -45,8 +45,8 @@ def lower_train_step(name: str, arg: str = "", batch_size: int = 256, seq_len: i
         lambda: trainer.lj.transform._unbox(model.init(jax.random.key(0), example)["params"]))
     box = {}
 
-    def build(p):  # setup_method on abstract params; keep its callables
-        box["setup"] = trainer.setup_method(cfg, model, p, example)
+    def build(p):  # make_setup on abstract params; keep its callables
+        box["setup"] = trainer.make_setup(cfg, model, p, example)
         return box["setup"].trainable, box["setup"].frozen
 
     trainable, frozen = jax.eval_shape(build, params)

@@ -37,8 +37,8 @@ def _base_params(case):
 def _setup(case, **options):
     model, x, targets = CASES[case]
     params, layouts = _base_params(case)
-    spec = lj.LoraSpec(rank=2, alpha=4.0, targets=targets, method="mtl",
-                       options=tuple({"num_tasks": T, **options}.items()))
+    spec = lj.LoraSpec(rank=2, alpha=4.0, targets=targets,
+                       method=lj.methods.mtl(num_tasks=T, **options))
     return model, x, params, lj.init_adapters(params, spec, jax.random.key(1), layouts=layouts)
 
 
@@ -104,7 +104,7 @@ def test_infinite_temperature_identity_lambda_is_lora_with_mean_b():
         lambda r, a: dataclasses.replace(r, params={**r.params, "lam": a.params["lam"]}),
         rand, adapters, is_leaf=lj.methods.is_adapter)
     as_lora = jax.tree.map(
-        lambda a: dataclasses.replace(a, method="lora", options=(), params={
+        lambda a: dataclasses.replace(a, method=lj.methods.lora(), params={
             "a": a.params["a"], "b": a.params["b"].mean(axis=-len(a.layout.out_shape) - 2)}),
         adapters, is_leaf=lj.methods.is_adapter)
     np.testing.assert_allclose(_forward(model)(params, adapters, x, TASKS),
@@ -158,7 +158,7 @@ def test_mix_inits():
     assert np.abs(w).max() <= 0.5 and np.abs(w).max() > 0.1
     _, _, _, uniform = _setup("toy", mix_init="uniform")
     assert not np.any(uniform["head"]["kernel"].params["w"])
-    assert uniform["head"]["kernel"].option("temperature") == 0.1
+    assert uniform["head"]["kernel"].method.temperature == 0.1
 
 
 # ----------------------------------------------------------------------------- errors

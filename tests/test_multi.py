@@ -40,8 +40,8 @@ def _base_params(case):
 def _setup(case, method, rank=2, **options):
     model, x, targets = CASES[case]
     params, layouts = _base_params(case)
-    spec = lj.LoraSpec(rank=rank, alpha=4.0, targets=targets, method=method,
-                       options=tuple(options.items()))
+    spec = lj.LoraSpec(rank=rank, alpha=4.0, targets=targets,
+                       method=lj.methods.make(method, **options))
     return model, x, params, lj.init_adapters(params, spec, jax.random.key(1), layouts=layouts)
 
 
@@ -154,7 +154,7 @@ def test_multilora_with_one_module_and_unit_scaling_is_lora(case):
 
     def as_lora(a):
         n = a.layout.n_stack
-        return dataclasses.replace(a, method="lora", options=(), params={
+        return dataclasses.replace(a, method=lj.methods.lora(), params={
             "a": jnp.squeeze(a.params["a"], n), "b": jnp.squeeze(a.params["b"], n)})
 
     unit = jax.tree.map(lambda a: dataclasses.replace(
@@ -184,12 +184,11 @@ def test_multilora_is_a_sum_of_scaled_loras_and_inits():
 
 
 @pytest.mark.parametrize("method", ["mtl", "per_task", "multilora", "lora"])
-def test_trainer_builds_options_from_cfg(method):
-    cfg = dataclasses.replace(Experiment(), method=method)
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tasks=("a", "b", "c", "d")),
-                              mtl=dataclasses.replace(cfg.mtl, num_up=2, temperature=0.5,
-                                                      diagonal=True, num_loras=5))
-    options = dict(trainer.adapter_spec(cfg).options)
-    assert options == {"mtl": {"num_tasks": 4, "num_up": 2, "temperature": 0.5, "diagonal": True},
-                       "per_task": {"num_tasks": 4}, "multilora": {"num_loras": 5},
-                       "lora": {}}[method]
+def test_trainer_builds_the_method_from_its_args(method):
+    args = dict(num_tasks=4, num_up=2, temperature=0.5, diagonal=True, num_loras=5)
+    cfg = dataclasses.replace(Experiment(), method=method, method_args=args)
+    built = trainer.adapter_spec(cfg).method
+    assert built == {"mtl": lj.methods.mtl(num_tasks=4, num_up=2, temperature=0.5, diagonal=True),
+                     "per_task": lj.methods.per_task(num_tasks=4),
+                     "multilora": lj.methods.multilora(num_loras=5),
+                     "lora": lj.methods.lora()}[method]

@@ -216,4 +216,4 @@ def test_trainer_quantizes_the_base_and_trains_adapters(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "quantised 8 kernels to nf4" in out and "MiB" in out
     with pytest.raises(ValueError, match="method='full'"):
-        trainer.prepare_base(dataclasses.replace(cfg, method="full"), None, {}, None)
+        trainer.quantize_base(dataclasses.replace(cfg, method="full"), None, {}, None)

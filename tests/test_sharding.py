@@ -144,9 +144,9 @@ def test_einsum_kernel_axes_are_mapped_by_letter():
 def test_optimizer_state_is_sharded_like_its_parameters():
     model, example, params, layouts = _tiny("llama", scan=True)
     specs = sharding.param_logical_specs(model, example)
-    trainable, state = lj.split(_adapters(params, layouts, "dora"))
-    tx = lj.adapter_optimizer(optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3)),
-                              trainable, lora_plus_ratio=16.0)
+    trainable, state = lj.split(_adapters(params, layouts, lj.methods.dora(lora_plus_ratio=16.0)))
+    tx = optax.chain(optax.clip_by_global_norm(1.0),
+                     lj.adapter_optimizer(optax.adamw(1e-3), trainable))
     mesh = sharding.make_mesh(MeshConfig(preset="fsdp_tp"))
     sh = sharding.train_shardings(mesh, sharding.RULES["fsdp_tp"], specs, trainable,
                                   {"params": params, "state": state}, tx)
@@ -216,7 +216,7 @@ def run_steps(cfg, steps=5):
     train, _, _ = trainer.load_data(cfg.data, tok)
     example = jnp.zeros((1, cfg.data.seq_len), jnp.int32)
     params = trainer.base_params(cfg, model, None, example)
-    setup = trainer.setup_method(cfg, model, params, example)
+    setup = trainer.make_setup(cfg, model, params, example)
     sh = trainer.shard_setup(cfg, model, example, setup)
     train_step, _ = trainer.make_steps(setup, sh)
     t, f = sharding.put((setup.trainable, setup.frozen), (sh.trainable, sh.frozen))
@@ -225,8 +225,8 @@ def run_steps(cfg, steps=5):
     losses = []
     for i in range(steps):
         batch = sharding.shard_batch(loader.batch(i), sh.mesh)
-        t, o, loss = train_step(t, o, f, batch, jax.random.key(i))
-        losses.append(float(loss))
+        t, o, out = train_step(t, o, f, batch, jax.random.key(i))
+        losses.append(float(out["loss"]))
     assert train_step._cache_size() == 1
     return np.array(losses), sh, (t, o)
 
@@ -268,7 +268,7 @@ def test_full_finetuning_shards_the_weights_themselves():
     model, _, _ = trainer.build_model(cfg.model, tok.vocab_size)
     example = jnp.zeros((1, 24), jnp.int32)
     params = trainer.base_params(cfg, model, None, example)
-    setup = trainer.setup_method(cfg, model, params, example)
+    setup = trainer.make_setup(cfg, model, params, example)
     sh = trainer.shard_setup(cfg, model, example, setup)
     assert sh.trainable["h_0"]["mlp"]["c_fc"]["kernel"].spec == P("fsdp", "tensor")
     assert sh.trainable["wte"]["embedding"].spec == P("tensor", "fsdp")

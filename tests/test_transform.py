@@ -1,5 +1,7 @@
 """Core transform invariants: B=0 is the base, factored == materialised == merged, unmerge, errors."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -162,11 +164,15 @@ def test_lora_plus_scales_b_updates():
     model, x, targets = CASES["toy"]
     params, adapters = _setup(model, x, targets)
     adapters = _randomize(adapters)
+    _, with_plus = _setup(model, x, targets, method=lj.methods.lora(lora_plus_ratio=16.0))
+    with_plus = _randomize(with_plus)
     grads = jax.grad(lambda a: jnp.sum(lj.apply(model, params, a, x) ** 2))(adapters)
     plain = lj.adapter_optimizer(optax.sgd(0.1), adapters)
-    plus = lj.adapter_optimizer(optax.sgd(0.1), adapters, lora_plus_ratio=16.0)
+    plus = lj.adapter_optimizer(optax.sgd(0.1), with_plus)
+    plus_grads = jax.tree.map(lambda a, g: dataclasses.replace(a, params=g.params), with_plus,
+                              grads, is_leaf=lj.methods.is_adapter)
     u0, _ = plain.update(grads, plain.init(adapters), adapters)
-    u1, _ = plus.update(grads, plus.init(adapters), adapters)
+    u1, _ = plus.update(plus_grads, plus.init(with_plus), with_plus)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(u0), jax.tree.leaves(u1)):
         ratio = 16.0 if path[-1].key == "b" else 1.0
         np.testing.assert_allclose(b, ratio * a, rtol=1e-6)
@@ -176,7 +182,7 @@ def test_modules_to_save_trains_the_head_fully():
     model, x, targets = CASES["toy"]
     params, adapters = _setup(model, x, (r"query/kernel",), modules_to_save=(r"head/.*",))
     flat = rules.flatten(adapters)
-    assert flat["head/kernel"].method == "full" and flat["head/bias"].method == "full"
+    assert flat["head/kernel"].method.name == "saved" and flat["head/bias"].method.name == "saved"
     adapters = _randomize(adapters)
     np.testing.assert_allclose(lj.apply(model, params, adapters, x),
                                model.apply({"params": lj.merge(params, adapters)}, x), atol=1e-5)
@@ -211,7 +217,8 @@ def test_inits():
     a = d["l"]["kernel"].params["a"]
     assert np.abs(a).max() <= 1 / np.sqrt(64) and np.abs(a).max() > 0.9 / np.sqrt(64)
     assert not np.any(d["l"]["kernel"].params["b"])
-    g = lj.init_adapters(params, lj.LoraSpec(rank=8, targets=("l/kernel",), init="gaussian"),
+    g = lj.init_adapters(params, lj.LoraSpec(rank=8, targets=("l/kernel",),
+                                                 method=lj.methods.lora(init_weights="gaussian")),
                          jax.random.key(1))
     assert abs(np.std(g["l"]["kernel"].params["a"]) - 1 / 8) < 0.02
 
@@ -219,9 +226,10 @@ def test_inits():
 def test_pissa_residual_plus_principal_is_the_kernel():
     w = jax.random.normal(jax.random.key(0), (24, 16))
     params = {"l": {"kernel": w}}
-    spec = lj.LoraSpec(rank=4, alpha=8.0, targets=("l/kernel",), init="pissa")
+    spec = lj.LoraSpec(rank=4, alpha=8.0, targets=("l/kernel",),
+                       method=lj.methods.lora(init_weights="pissa"))
     adapters = lj.init_adapters(params, spec, jax.random.key(1))
-    residual = lj.unmerge(params, adapters)
+    residual, _ = lj.transform_base(params, adapters)
     np.testing.assert_allclose(lj.merge(residual, adapters)["l"]["kernel"], w, atol=1e-5)
     u, s, vh = np.linalg.svd(np.asarray(w), full_matrices=False)
     principal = (u[:, :4] * s[:4]) @ vh[:4]
@@ -345,3 +353,83 @@ def test_multi_axis_kernel_without_layout_asks_for_a_trace():
     params = model.init(jax.random.key(0), x)["params"]
     with pytest.raises(ValueError, match="trace_layouts"):
         lj.init_adapters(params, lj.LoraSpec(targets=("query/kernel",)), jax.random.key(0))
+
+
+def test_dora_dropout_rescales_the_dropped_inputs_base_output():
+    """PEFT / the DoRA authors: y = x W + b + (g − 1)·drop(x) W + g·s·drop(x) A B."""
+    d = 4
+    model = nn.Dense(d)
+    x = jax.random.normal(jax.random.key(0), (64, d))
+    params = model.init(jax.random.key(1), x)["params"]
+    spec = lj.LoraSpec(rank=d, alpha=float(d), targets=("kernel",), dropout=0.5, method="dora")
+    dora = _randomize(lj.init_adapters(params, spec, jax.random.key(2)))
+    p = dora["kernel"].params
+    lora = {"kernel": dataclasses.replace(dora["kernel"], method=lj.methods.lora(), state={},
+                                          params={"a": p["a"], "b": p["b"]})}
+    rngs = {"dropout": jax.random.key(3)}
+    base = model.apply({"params": params}, x)
+    y_lora = lj.apply(model, params, lora, x, train=True, rngs=rngs)
+    dropped = (y_lora - base) @ np.linalg.inv(np.asarray(p["a"] @ p["b"]))  # = drop(x), same rng
+    w = params["kernel"]
+    g = p["m"] / np.linalg.norm(w + p["a"] @ p["b"], axis=0)
+    want = base + (g - 1) * (dropped @ w) + g * (dropped @ p["a"] @ p["b"])
+    np.testing.assert_allclose(lj.apply(model, params, dora, x, train=True, rngs=rngs), want,
+                               atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_pissa_base_is_the_exact_residual_for_lora_and_dora(method):
+    model = nn.Dense(12)
+    x = jax.random.normal(jax.random.key(0), (5, 16))
+    params = model.init(jax.random.key(1), x)["params"]
+    spec = lj.LoraSpec(rank=4, alpha=8.0, targets=("kernel",),
+                       method=lj.methods.make(method, init_weights="pissa"))
+    adapters = lj.init_adapters(params, spec, jax.random.key(2))
+    residual, adapters = lj.transform_base(params, adapters)
+    a = adapters["kernel"]
+    np.testing.assert_allclose(residual["kernel"],
+                               params["kernel"] - a.scale * a.params["a"] @ a.params["b"],
+                               atol=1e-6)
+    np.testing.assert_allclose(lj.apply(model, residual, adapters, x),
+                               model.apply({"params": params}, x), atol=1e-5)
+    np.testing.assert_allclose(lj.unmerge(lj.merge(residual, adapters), adapters)["kernel"],
+                               residual["kernel"], atol=1e-5)
+
+
+def test_with_params_builds_adapters_from_user_arrays():
+    model, x, targets = CASES["toy"]
+    params, adapters = _setup(model, x, targets)
+    trainable, _ = lj.split(adapters)
+    mine = jax.tree.map(lambda a: {k: jnp.full_like(v, 0.5) for k, v in a.params.items()},
+                        trainable, is_leaf=lj.methods.is_adapter)
+    built = lj.with_params(adapters, mine)
+    assert all(float(jnp.min(v)) == 0.5 for v in jax.tree.leaves(lj.split(built)[0]))
+    bad = jax.tree.map(lambda a: {k: jnp.ones(v.shape + (1,)) for k, v in a.params.items()},
+                       trainable, is_leaf=lj.methods.is_adapter)
+    with pytest.raises(ValueError, match="has shape"):
+        lj.with_params(adapters, bad)
+
+
+def test_method_arguments_are_typed_and_checked():
+    with pytest.raises(TypeError, match="did you mean 'init_weights'"):
+        lj.methods.make("lora", init_weight="pissa")
+    with pytest.raises(TypeError, match="must be float"):
+        lj.methods.lora(lora_plus_ratio="16")
+    with pytest.raises(ValueError, match="unknown init_weights"):
+        lj.methods.dora(init_weights="svd")
+    with pytest.raises(ValueError, match="did you mean 'dora'"):
+        lj.LoraSpec(method="doro")
+    with pytest.raises(ValueError, match="reserved for full fine-tuning"):
+        lj.methods.register("full", lj.methods.LoRA)
+
+
+def test_modules_to_save_keeps_a_tiny_delta_over_a_bf16_base():
+    model = nn.Dense(4, param_dtype=jnp.bfloat16)
+    x = jnp.zeros((2, 3), jnp.float32)
+    params = model.init(jax.random.key(0), x)["params"]
+    params = {**params, "bias": jnp.full((4,), 4.0, jnp.bfloat16)}
+    spec = lj.LoraSpec(rank=1, targets=("kernel",), modules_to_save=("bias",))
+    adapters = lj.init_adapters(params, spec, jax.random.key(1))
+    adapters["bias"] = dataclasses.replace(adapters["bias"], params={"w": jnp.full((4,), 1e-3)})
+    y = lj.apply(model, params, adapters, x)
+    np.testing.assert_allclose(y, 4.001, rtol=1e-6)  # 4 + 1e-3 rounds to 4 in bf16

@@ -3,25 +3,28 @@
 Shapes in Flax's kernel layout: A is ``(*in, r)`` and B is ``(r, *out)`` for a kernel
 ``(*in, *out)`` (any axis order for Einsum kernels; the layout's einsums handle it), with leading
 stacked-layer axes on both when the kernel is stacked. The forward pass stays factored: it never
-forms ``A B``. Inits (``spec.init``):
+forms ``A B``. Inits (``init_weights``):
 
 - ``'default'``: PEFT's: A ~ kaiming-uniform(a=√5), i.e. U(−1/√d_in, 1/√d_in); B = 0. For an
   embedding PEFT's choice is the other way round: A = 0, B ~ N(0, 1).
 - ``'gaussian'``: A ~ N(0, 1/r²), B = 0.
 - ``'pissa'``: top-r SVD of W = U S Vᵀ: A = U_r √(S_r/s), B = √(S_r/s) V_rᵀ, so that s·A B is
-  W's principal part. The base must then become the residual: ``params = lj.unmerge(params,
-  adapters)`` (residual + s·A B = W).
+  W's principal part. The base must then become the residual: ``params, adapters =
+  lj.transform_base(params, adapters)`` (residual + s·A B = W).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from lora_jax import layers
-from lora_jax.methods import Adapter, Ctx
+from lora_jax.methods import Adapter, Ctx, Method
 
 
 def init_factors(key, kernel, layout: layers.Layout, rank: int, scale: float, init: str):
@@ -56,11 +59,6 @@ def pissa_factors(kernel, layout: layers.Layout, rank: int, scale: float):
             b.reshape(stack + (rank,) + layout.out_shape))
 
 
-def init(key, kernel, layout, rank, scale, spec) -> Adapter:
-    a, b = init_factors(key, kernel, layout, rank, scale, spec.init)
-    return Adapter({"a": a, "b": b}, {}, "lora", scale, layout, spec.dropout)
-
-
 def delta(x, adapter: Adapter, module=None):
     """``s · x A B`` for one layer; x is the (dropped-out) layer input."""
     p, layout = adapter.params, adapter.layout
@@ -68,18 +66,65 @@ def delta(x, adapter: Adapter, module=None):
     return adapter.scale * layers.up(layout, h, p["b"])
 
 
-def output(y, x, adapter: Adapter, kernel, bias, module, ctx: Ctx):
-    return y + delta(x, adapter, module).astype(y.dtype)
-
-
 def weight_delta(adapter: Adapter):
     """``s · A B`` in the kernel's axis order, float32, stacked axes leading."""
     return adapter.scale * layers.product(adapter.layout, adapter.params["a"], adapter.params["b"])
 
 
-def merge(kernel, adapter: Adapter):
-    return (kernel.astype(jnp.float32) + weight_delta(adapter)).astype(kernel.dtype)
+def add(kernel, d):
+    """``kernel + d`` in float32, cast back to the kernel's dtype."""
+    return (kernel.astype(jnp.float32) + d).astype(kernel.dtype)
 
 
-def unmerge(kernel, adapter: Adapter):
-    return (kernel.astype(jnp.float32) - weight_delta(adapter)).astype(kernel.dtype)
+INITS = ("default", "gaussian", "pissa")
+AXES = {"a": ("stack", "in", None), "b": ("stack", None, "out")}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRA(Method):
+    """LoRA. ``init_weights``: 'default' | 'gaussian' | 'pissa'; ``lora_plus_ratio``: LoRA+'s
+    η_B/η_A (the paper suggests 16; 0 disables it), B's updates scaled after the optimizer, which
+    for Adam(W) equals scaling B's learning rate."""
+
+    name: ClassVar[str] = "lora"
+    init_weights: str = "default"
+    lora_plus_ratio: float = 0.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.init_weights not in INITS:
+            raise ValueError(f"{self.name}: unknown init_weights {self.init_weights!r}; use one "
+                             f"of {INITS}")
+        if self.lora_plus_ratio < 0:
+            raise ValueError(f"{self.name}: lora_plus_ratio must be >= 0 (0 disables LoRA+)")
+
+    def init(self, key, kernel, layout, rank, scale, dropout) -> Adapter:
+        a, b = init_factors(key, kernel, layout, rank, scale, self.init_weights)
+        return Adapter({"a": a, "b": b}, {}, self, scale, layout, dropout)
+
+    def output(self, y, x, adapter, kernel, bias, module, ctx: Ctx):
+        return y + delta(x, adapter, module).astype(y.dtype)
+
+    def merge(self, kernel, adapter):
+        return add(kernel, weight_delta(adapter))
+
+    def unmerge(self, kernel, adapter):
+        return add(kernel, -weight_delta(adapter))
+
+    def transform_base(self, kernel, adapter):
+        """PiSSA: the base becomes the residual ``W − s·A B`` (exactly, for every LoRA-family
+        method: the principal part moves into the factors)."""
+        if self.init_weights != "pissa":
+            return kernel, adapter
+        return add(kernel, -weight_delta(adapter)), adapter
+
+    def leaf_axes(self, adapter):
+        return AXES
+
+    def param_groups(self, adapter):
+        return {"b": "lora_plus"} if self.lora_plus_ratio else {}
+
+    def group_transform(self, group):
+        if group != "lora_plus":
+            return super().group_transform(group)
+        return optax.scale(self.lora_plus_ratio)

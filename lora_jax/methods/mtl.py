@@ -6,7 +6,7 @@ For an example of task t, in Flax's kernel layout (A: ``(*in, r)``, B_i: ``(r, *
 
 Parameters (every leaf carries the kernel's stacked axes first, so ``nn.scan`` slices them):
 ``a`` ``(*stack, *in, r)``; ``lam`` ``(*stack, T, r, r)`` (``(*stack, T, r)`` with ``diagonal``);
-``b`` ``(*stack, n, r, *out)``; ``w`` ``(*stack, T, n)``. Options (``LoraSpec.options``):
+``b`` ``(*stack, n, r, *out)``; ``w`` ``(*stack, T, n)``. Hyperparameters (``lj.methods.mtl``):
 ``num_tasks`` T (required), ``num_up`` n (3), ``temperature`` τ (0.1; the paper uses 0.1 for
 language, 0.8 for image-text), ``diagonal`` (False), ``mix_init`` ('kaiming' | 'uniform').
 
@@ -37,60 +37,124 @@ kernel or ``lj.merge(params, adapters, task=task)`` on a tree.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from pathlib import Path
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from lora_jax import layers
-from lora_jax.methods import Adapter, Ctx, lora
+from lora_jax.methods import Adapter, Ctx, Method, Run
+from lora_jax.methods import lora
 
 
-def init(key, kernel, layout, rank, scale, spec) -> Adapter:
-    """MTL-LoRA adapter for one (possibly stacked) kernel; options from ``spec.options``."""
-    num_tasks = spec.option("num_tasks")
-    if not isinstance(num_tasks, (int, np.integer)) or num_tasks < 1:
-        raise ValueError("MTL-LoRA needs the number of tasks: "
-                         f"LoraSpec(method='mtl', options=(('num_tasks', T),)), got {num_tasks!r}")
-    num_tasks, n = int(num_tasks), spec.option("num_up", 3)
-    temperature = float(spec.option("temperature", 0.1))
-    diagonal = bool(spec.option("diagonal", False))
-    mix_init = spec.option("mix_init", "kaiming")
-    if spec.init not in ("default", "gaussian"):
-        raise ValueError(f"MTL-LoRA supports init 'default' or 'gaussian', not {spec.init!r}")
-    if not isinstance(n, (int, np.integer)) or n < 1 or temperature <= 0:
-        raise ValueError(f"MTL-LoRA needs num_up >= 1 and temperature > 0; got {n}, {temperature}")
-    n, (ka, kw) = int(n), jax.random.split(key)
-    stack = kernel.shape[: layout.n_stack]
-    if layout.kind == "embed":
-        a = jax.random.normal(ka, stack + layout.in_shape + (rank,))
-    else:
-        a, _ = lora.init_factors(ka, kernel, layout, rank, scale, spec.init)
-    if diagonal:
-        lam = jnp.ones(stack + (num_tasks, rank))
-    else:
-        lam = jnp.broadcast_to(jnp.eye(rank), stack + (num_tasks, rank, rank))
-    if mix_init == "kaiming":
-        bound = 1.0 / math.sqrt(n)
-        w = jax.random.uniform(kw, stack + (num_tasks, n), minval=-bound, maxval=bound)
-    elif mix_init == "uniform":
-        w = jnp.zeros(stack + (num_tasks, n))
-    else:
-        raise ValueError(f"unknown mix_init {mix_init!r}; use 'kaiming' or 'uniform'")
-    b = jnp.zeros(stack + (n, rank) + layout.out_shape)
-    options = (("num_tasks", num_tasks), ("num_up", n), ("temperature", temperature),
-               ("diagonal", diagonal))
-    return Adapter({"a": a, "lam": lam, "b": b, "w": w}, {}, "mtl", scale, layout, spec.dropout,
-                   options)
+@dataclasses.dataclass(frozen=True)
+class MTL(Method):
+    """MTL-LoRA: ``num_tasks`` T (required), ``num_up`` n, ``temperature`` τ, ``diagonal`` Λ_t,
+    ``mix_init`` ('kaiming' | 'uniform'), ``init_weights`` of A ('default' | 'gaussian'), and
+    ``export_merged``: a training run also writes one merged model per task."""
+
+    name: ClassVar[str] = "mtl"
+    example_args: ClassVar[dict] = {"num_tasks": 3}
+    num_tasks: int = 0
+    num_up: int = 3
+    temperature: float = 0.1
+    diagonal: bool = False
+    mix_init: str = "kaiming"
+    init_weights: str = "default"
+    export_merged: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.num_tasks < 1:
+            raise ValueError(f"MTL-LoRA needs the number of tasks: lj.methods.mtl(num_tasks=T), "
+                             f"got num_tasks={self.num_tasks}")
+        if self.num_up < 1 or self.temperature <= 0:
+            raise ValueError(f"MTL-LoRA needs num_up >= 1 and temperature > 0; got "
+                             f"{self.num_up}, {self.temperature}")
+        if self.mix_init not in ("kaiming", "uniform"):
+            raise ValueError(f"unknown mix_init {self.mix_init!r}; use 'kaiming' or 'uniform'")
+        if self.init_weights not in ("default", "gaussian"):
+            raise ValueError(f"MTL-LoRA supports init_weights 'default' or 'gaussian', not "
+                             f"{self.init_weights!r}")
+
+    def init(self, key, kernel, layout, rank, scale, dropout) -> Adapter:
+        num_tasks, n, (ka, kw) = self.num_tasks, self.num_up, jax.random.split(key)
+        stack = kernel.shape[: layout.n_stack]
+        if layout.kind == "embed":
+            a = jax.random.normal(ka, stack + layout.in_shape + (rank,))
+        else:
+            a, _ = lora.init_factors(ka, kernel, layout, rank, scale, self.init_weights)
+        if self.diagonal:
+            lam = jnp.ones(stack + (num_tasks, rank))
+        else:
+            lam = jnp.broadcast_to(jnp.eye(rank), stack + (num_tasks, rank, rank))
+        if self.mix_init == "kaiming":
+            bound = 1.0 / math.sqrt(n)
+            w = jax.random.uniform(kw, stack + (num_tasks, n), minval=-bound, maxval=bound)
+        else:
+            w = jnp.zeros(stack + (num_tasks, n))
+        b = jnp.zeros(stack + (n, rank) + layout.out_shape)
+        return Adapter({"a": a, "lam": lam, "b": b, "w": w}, {}, self, scale, layout, dropout)
+
+    def output(self, y, x, adapter, kernel, bias, module, ctx: Ctx):
+        return output(y, x, adapter, kernel, bias, module, ctx)
+
+    def merge(self, kernel, adapter):
+        raise ValueError("MTL-LoRA merges one task at a time: call "
+                         "lj.merge(params, adapters, task=task)")
+
+    def unmerge(self, kernel, adapter):
+        raise ValueError("MTL-LoRA unmerges one task at a time: call "
+                         "lj.unmerge(params, adapters, task=task)")
+
+    def merge_task(self, kernel, adapter, task):
+        return merge_task(kernel, adapter, task)
+
+    def unmerge_task(self, kernel, adapter, task):
+        return unmerge_task(kernel, adapter, task)
+
+    def leaf_axes(self, adapter):
+        return {"a": ("stack", "in", None), "b": ("stack", None, None, "out"),
+                "lam": ("stack", "rest"), "w": ("stack", "rest")}
+
+    def callback(self, run: Run):
+        return TaskExport(run.tasks) if self.export_merged else None
+
+
+@dataclasses.dataclass
+class TaskExport:
+    """A training callback that writes one merged model per task (``merged/<task>.msgpack``)."""
+
+    tasks: tuple[str, ...]
+
+    def restore(self, step, frozen):
+        return frozen
+
+    def __call__(self, step, trainable, frozen):
+        return frozen
+
+    def finish(self, trainable, frozen, workdir) -> dict:
+        from lora_jax import io, transform
+
+        if jax.process_index() != 0:
+            return {}
+        adapters = transform.join(trainable, frozen["state"])
+        for t, name in enumerate(self.tasks):
+            io.save_params(Path(workdir) / "merged" / f"{name}.msgpack",
+                           transform.merge(frozen["params"], adapters, task=t))
+        return {}
 
 
 def task_maps(adapter: Adapter) -> jax.Array:
     """``R_t = Λ_t [m_t1 I … m_tn I]`` for every task: ``(*stack, T, r, n·r)``, float32."""
     p = adapter.params
     lam = p["lam"].astype(jnp.float32)
-    if adapter.option("diagonal"):
+    if adapter.method.diagonal:
         lam = lam[..., :, None] * jnp.eye(lam.shape[-1])
-    mix = jax.nn.softmax(p["w"].astype(jnp.float32) / adapter.option("temperature"), axis=-1)
+    mix = jax.nn.softmax(p["w"].astype(jnp.float32) / adapter.method.temperature, axis=-1)
     r = jnp.einsum("...trs,...ti->...tris", lam, mix)
     return r.reshape(r.shape[:-2] + (-1,))
 
@@ -121,7 +185,7 @@ def output(y, x, adapter: Adapter, kernel, bias, module, ctx: Ctx):
     """``y + s · drop(x) A R_t B_cat`` per example, t = ``ctx.task_ids`` (see the module doc)."""
     p, layout = adapter.params, adapter.layout
     h = layers.down(layout, x, p["a"], module)  # (batch, ..., r)
-    num_tasks = adapter.option("num_tasks")
+    num_tasks = adapter.method.num_tasks
     _check_task_ids(ctx.task_ids, num_tasks, h.shape[0])
     ids = jnp.asarray(ctx.task_ids)
     maps = jnp.take(task_maps(adapter), ids, axis=0, mode="clip").astype(h.dtype)
@@ -134,7 +198,7 @@ def output(y, x, adapter: Adapter, kernel, bias, module, ctx: Ctx):
 
 def weight_delta(adapter: Adapter, task: int) -> jax.Array:
     """``s · A Λ_t B̄_t`` in the kernel's axis order, float32, stacked axes leading."""
-    num_tasks = adapter.option("num_tasks")
+    num_tasks = adapter.method.num_tasks
     if not 0 <= task < num_tasks:
         raise ValueError(f"task {task} outside [0, {num_tasks})")
     b = _stacked_b(adapter).astype(jnp.float32)
@@ -153,13 +217,3 @@ def merge_task(kernel, adapter: Adapter, task: int):
 def unmerge_task(kernel, adapter: Adapter, task: int):
     """Inverse of ``merge_task``."""
     return (kernel.astype(jnp.float32) - weight_delta(adapter, task)).astype(kernel.dtype)
-
-
-def merge(kernel, adapter: Adapter):
-    raise ValueError("MTL-LoRA merges one task at a time: call "
-                     "lj.merge(params, adapters, task=task)")
-
-
-def unmerge(kernel, adapter: Adapter):
-    raise ValueError("MTL-LoRA unmerges one task at a time: call "
-                     "lj.unmerge(params, adapters, task=task)")

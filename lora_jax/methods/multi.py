@@ -6,7 +6,7 @@ einsums: the A_i concatenated along the rank axis (``A_cat``, ``(*in, n·r)``) a
 multi-axis DenseGeneral/Einsum, conv, embed) works unchanged. Leaves carry stacked axes first, then
 the module axis: ``a`` ``(*stack, n, *in, r)``, ``b`` ``(*stack, n, r, *out)``.
 
-**per_task** (option ``num_tasks`` T): T independent LoRAs, example b uses LoRA ``task_ids[b]``:
+**per_task** (``num_tasks`` T): T independent LoRAs, example b uses LoRA ``task_ids[b]``:
 
     h = x W + s · drop(x) A_t B_t,   s = α / r
 
@@ -19,7 +19,7 @@ MTL-LoRA validates them (``mtl._check_task_ids``; NaN rows for out-of-range ids 
 There is no task-free merge: ``lj.merge(params, adapters, task=t)``.
 
 **multilora** (Wang et al. 2023, "MultiLoRA: Democratizing LoRA for Better Multi-Task
-Learning"; option ``num_loras`` n, default 3): n parallel LoRAs summed, with learnable scaling,
+Learning"; ``num_loras`` n, default 3): n parallel LoRAs summed, with learnable scaling,
 shared by all tasks (no routing; ``task_ids`` are ignored):
 
     h = x W + s · Σ_i (drop(x) A_i B_i) ⊙ λ_i,   λ_i ∈ R^{out} (per output unit),  s = α / r
@@ -34,30 +34,21 @@ one rank-n·r LoRA; ``merge`` is ``W + s · A_cat (B ⊙ λ)_cat``. With n = 1 a
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from types import SimpleNamespace
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lora_jax import layers
-from lora_jax.methods import Adapter, Ctx, lora, mtl
-
-
-def _count(spec, name: str, default=None) -> int:
-    value = spec.option(name, default)
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"LoraSpec(method={spec.method!r}) needs option {name!r} >= 1 "
-                         f"(options=(({name!r}, N),)), got {value!r}")
-    return int(value)
+from lora_jax.methods import Adapter, Ctx, Method, Run
+from lora_jax.methods import lora, mtl
 
 
 def _stack_inits(key, kernel, layout, rank, scale, init, n):
     """n LoRA factor pairs from ``lora.init_factors``, stacked on a new axis after the stack."""
-    if init not in ("default", "gaussian"):
-        raise ValueError(f"per-task and MultiLoRA adapters support init 'default' or 'gaussian', "
-                         f"not {init!r}")
     pairs = [lora.init_factors(k, kernel, layout, rank, scale, init)
              for k in jax.random.split(key, n)]
     return tuple(jnp.stack(f, axis=layout.n_stack) for f in zip(*pairs))
@@ -85,18 +76,9 @@ def _product(adapter: Adapter, a, b) -> jax.Array:
 # ----------------------------------------------------------------------------- per_task
 
 
-def init_per_task(key, kernel, layout, rank, scale, spec) -> Adapter:
-    """T LoRAs for one (possibly stacked) kernel: ``a`` (*stack, T, *in, r), ``b`` (*stack, T, r,
-    *out)."""
-    num_tasks = _count(spec, "num_tasks")
-    a, b = _stack_inits(key, kernel, layout, rank, scale, spec.init, num_tasks)
-    return Adapter({"a": a, "b": b}, {}, "per_task", scale, layout, spec.dropout,
-                   (("num_tasks", num_tasks),))
-
-
 def output_per_task(y, x, adapter: Adapter, kernel, bias, module, ctx: Ctx):
     """``y + s · drop(x) A_t B_t`` per example, t = ``ctx.task_ids``."""
-    p, layout, num_tasks = adapter.params, adapter.layout, adapter.option("num_tasks")
+    p, layout, num_tasks = adapter.params, adapter.layout, adapter.method.num_tasks
     h = layers.down(layout, x, _cat_a(p["a"], layout), module)  # (batch, ..., T·r)
     mtl._check_task_ids(ctx.task_ids, num_tasks, h.shape[0])
     ids = jnp.asarray(ctx.task_ids)
@@ -110,7 +92,7 @@ def output_per_task(y, x, adapter: Adapter, kernel, bias, module, ctx: Ctx):
 
 def weight_delta_per_task(adapter: Adapter, task: int) -> jax.Array:
     """``s · A_t B_t`` in the kernel's axis order, float32, stacked axes leading."""
-    num_tasks = adapter.option("num_tasks")
+    num_tasks = adapter.method.num_tasks
     if not 0 <= task < num_tasks:
         raise ValueError(f"task {task} outside [0, {num_tasks})")
     n = adapter.layout.n_stack
@@ -128,28 +110,7 @@ def unmerge_task(kernel, adapter: Adapter, task: int):
     return (kernel.astype(jnp.float32) - weight_delta_per_task(adapter, task)).astype(kernel.dtype)
 
 
-def _no_task_merge(kernel, adapter: Adapter):
-    raise ValueError("per-task LoRA merges one task at a time: call "
-                     "lj.merge(params, adapters, task=task)")
-
-
 # ----------------------------------------------------------------------------- multilora
-
-
-def init_multilora(key, kernel, layout, rank, scale, spec) -> Adapter:
-    """n summed LoRAs: ``a`` (*stack, n, *in, r), ``b`` (*stack, n, r, *out), ``lam`` (*stack, n,
-    *out) = 0."""
-    n = _count(spec, "num_loras", 3)
-    ka, kb = jax.random.split(key)
-    a, _ = _stack_inits(ka, kernel, layout, rank, scale, spec.init, n)
-    stack = kernel.shape[: layout.n_stack]
-    if layout.kind == "embed":
-        a = jax.random.normal(ka, a.shape)
-    bound = 1.0 / math.sqrt(rank)
-    b = jax.random.uniform(kb, stack + (n, rank) + layout.out_shape, minval=-bound, maxval=bound)
-    lam = jnp.zeros(stack + (n,) + layout.out_shape)
-    return Adapter({"a": a, "b": b, "lam": lam}, {}, "multilora", scale, layout, spec.dropout,
-                   (("num_loras", n),))
 
 
 def _scaled_b(adapter: Adapter) -> jax.Array:
@@ -180,9 +141,94 @@ def unmerge_multilora(kernel, adapter: Adapter):
     return (kernel.astype(jnp.float32) - weight_delta_multilora(adapter)).astype(kernel.dtype)
 
 
-# The registry's view: each baseline as a method "module" with the protocol's four names.
-per_task = SimpleNamespace(init=init_per_task, output=output_per_task, merge=_no_task_merge,
-                           unmerge=_no_task_merge, merge_task=merge_task,
-                           unmerge_task=unmerge_task)
-multilora = SimpleNamespace(init=init_multilora, output=output_multilora, merge=merge_multilora,
-                            unmerge=unmerge_multilora)
+_STACKED = {"a": ("stack", None, "in", None), "b": ("stack", None, None, "out")}
+
+
+def _check_init(name: str, init: str) -> None:
+    if init not in ("default", "gaussian"):
+        raise ValueError(f"{name} supports init_weights 'default' or 'gaussian', not {init!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PerTask(Method):
+    """One LoRA per task: ``num_tasks`` T (required); ``export_merged`` writes one merged model
+    per task after training."""
+
+    name: ClassVar[str] = "per_task"
+    example_args: ClassVar[dict] = {"num_tasks": 3}
+    num_tasks: int = 0
+    init_weights: str = "default"
+    export_merged: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.num_tasks < 1:
+            raise ValueError(f"per-task LoRA needs lj.methods.per_task(num_tasks=T) with T >= 1, "
+                             f"got {self.num_tasks}")
+        _check_init(self.name, self.init_weights)
+
+    def init(self, key, kernel, layout, rank, scale, dropout) -> Adapter:
+        """``a`` (*stack, T, *in, r), ``b`` (*stack, T, r, *out)."""
+        a, b = _stack_inits(key, kernel, layout, rank, scale, self.init_weights, self.num_tasks)
+        return Adapter({"a": a, "b": b}, {}, self, scale, layout, dropout)
+
+    def output(self, y, x, adapter, kernel, bias, module, ctx):
+        return output_per_task(y, x, adapter, kernel, bias, module, ctx)
+
+    def merge(self, kernel, adapter):
+        raise ValueError("per-task LoRA merges one task at a time: call "
+                         "lj.merge(params, adapters, task=task)")
+
+    unmerge = merge
+
+    def merge_task(self, kernel, adapter, task):
+        return merge_task(kernel, adapter, task)
+
+    def unmerge_task(self, kernel, adapter, task):
+        return unmerge_task(kernel, adapter, task)
+
+    def leaf_axes(self, adapter):
+        return _STACKED
+
+    def callback(self, run: Run):
+        return mtl.TaskExport(run.tasks) if self.export_merged else None
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiLoRA(Method):
+    """MultiLoRA: ``num_loras`` n summed LoRAs with per-output-unit scalings."""
+
+    name: ClassVar[str] = "multilora"
+    num_loras: int = 3
+    init_weights: str = "default"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.num_loras < 1:
+            raise ValueError(f"MultiLoRA needs num_loras >= 1, got {self.num_loras}")
+        _check_init(self.name, self.init_weights)
+
+    def init(self, key, kernel, layout, rank, scale, dropout) -> Adapter:
+        """``a`` (*stack, n, *in, r), ``b`` (*stack, n, r, *out), ``lam`` (*stack, n, *out) = 0."""
+        n, (ka, kb) = self.num_loras, jax.random.split(key)
+        a, _ = _stack_inits(ka, kernel, layout, rank, scale, self.init_weights, n)
+        stack = kernel.shape[: layout.n_stack]
+        if layout.kind == "embed":
+            a = jax.random.normal(ka, a.shape)
+        bound = 1.0 / math.sqrt(rank)
+        b = jax.random.uniform(kb, stack + (n, rank) + layout.out_shape, minval=-bound,
+                               maxval=bound)
+        lam = jnp.zeros(stack + (n,) + layout.out_shape)
+        return Adapter({"a": a, "b": b, "lam": lam}, {}, self, scale, layout, dropout)
+
+    def output(self, y, x, adapter, kernel, bias, module, ctx):
+        return output_multilora(y, x, adapter, kernel, bias, module, ctx)
+
+    def merge(self, kernel, adapter):
+        return merge_multilora(kernel, adapter)
+
+    def unmerge(self, kernel, adapter):
+        return unmerge_multilora(kernel, adapter)
+
+    def leaf_axes(self, adapter):
+        return {**_STACKED, "lam": ("stack", None, "out")}

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from lora_jax import layers, methods, rules
+from lora_jax import layers, rules
 from lora_jax.quant.int8 import Int8Array, int8_quantize
 from lora_jax.quant.nf4 import NF4Array, nf4_quantize
 
@@ -210,7 +210,7 @@ def merge_quantized(model: nn.Module, params, adapters, *args, **kwargs):
     for path, adapter in rules.flatten(adapters).items():
         if path not in flat:
             raise ValueError(f"adapter for {path!r} has no parameter at that path")
-        w, method = flat[path], methods.get(adapter.method)
+        w, method = flat[path], adapter.method
         if not _is_quantized(w):
             flat[path] = method.merge(w, adapter)
             continue

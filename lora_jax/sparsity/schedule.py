@@ -36,7 +36,7 @@ from lora_jax.sparsity.model import Blocks, capture_blocks, prune_blocks, run_bl
 
 @dataclasses.dataclass(frozen=True)
 class LosaOptions:
-    """LoSA's knobs (``SparsityConfig`` holds the same names)."""
+    """LoSA's knobs (the ``lj.methods.losa`` method holds the same names)."""
 
     target: float = 0.5
     iterations: int = 5
@@ -49,16 +49,20 @@ class LosaOptions:
     rank_min: int = 1
     dynamic_rank: bool = True
     masked: bool = True
+    rank_cap: int = 0
+    mask_from: str = "pruner"
 
     @classmethod
-    def from_config(cls, sc) -> "LosaOptions":
+    def from_method(cls, sc) -> "LosaOptions":
+        """From an ``lj.methods.losa(...)`` method."""
         pattern = None
         if sc.pattern:
             n, _, m = sc.pattern.partition(":")
             pattern = (int(n), int(m))
         return cls(target=sc.target, iterations=sc.iterations, pruner=sc.pruner, pattern=pattern,
                    beta=sc.beta, layerwise=sc.layerwise, rank_start=sc.rank_start,
-                   rank_step=sc.rank_step, dynamic_rank=sc.dynamic_rank, masked=sc.masked)
+                   rank_step=sc.rank_step, dynamic_rank=sc.dynamic_rank, masked=sc.masked,
+                   rank_cap=sc.rank_cap, mask_from=sc.mask_from)
 
 
 def iteration_sparsity(opts: LosaOptions, t: int) -> float:
@@ -102,9 +106,14 @@ def losa_iteration(params, adapters, x0: jax.Array, blocks: Blocks, layouts,
     pruned, masks, errors = prune_blocks(blocks, merged, x0, paths, layouts, list(rates),
                                          opts.pruner, opts.pattern, dense_outputs, batch_size)
 
+    flat_pruned = rules.flatten(pruned)
+
     def new_mask(path, a):
-        keep = masks[path] if opts.masked else jnp.ones_like(masks[path])
-        return {**a.state, "mask": keep}
+        if not opts.masked:
+            return {**a.state, "mask": jnp.ones_like(masks[path])}
+        if opts.mask_from == "nonzero":  # the reference's W != 0: earlier zeros stay frozen
+            return {**a.state, "mask": flat_pruned[path] != 0}
+        return {**a.state, "mask": masks[path]}
 
     adapters = _with_states(adapters, new_mask)
     params = transform.unmerge(pruned, adapters)  # new mask, old rank masks: kept entries return
@@ -114,6 +123,8 @@ def losa_iteration(params, adapters, x0: jax.Array, blocks: Blocks, layouts,
         ranks = losa.allocate_ranks(errors, mean_rank, r_max, opts.rank_min)
     else:
         ranks = [r_max] * num
+    if opts.rank_cap:  # the reference slices lora_A[:rank] of r = 8 adapters
+        ranks = [min(int(r), opts.rank_cap) for r in ranks]
 
     def new_ranks(path, a):
         rm = losa.rank_mask(ranks[blocks.index(path)], a.rank)
@@ -236,18 +247,33 @@ def _like(old, new):
     return jax.tree.map(place, new, old)
 
 
-def trainer_hook(cfg, model, frozen, train_arrays, workdir, evaluate: Callable | None = None,
-                 log: Callable[[str], None] = print) -> LosaHook | None:
-    """The ``LosaHook`` of an ``Experiment`` with ``method='losa'`` (else None).
+def trainer_hook(method, run) -> LosaHook:
+    """The ``LosaHook`` of an ``lj.methods.losa`` method in a training ``run`` (methods.Run).
 
-    Calibration: ``cfg.sparsity.calib_samples`` training sequences drawn with ``cfg.seed``.
-    ``evaluate(trainable, frozen) -> {'loss', 'accuracy': {'mean'}}`` is logged after each prune.
+    Calibration: ``method.calib_samples`` training sequences drawn with ``run.seed``.
+    ``run.evaluate(trainable, frozen) -> {'loss', 'accuracy': {'mean'}}`` is logged after each
+    prune. The hook is built lazily by ``restore`` (it needs the frozen base).
     """
-    if cfg.method != "losa":
-        return None
-    sc = cfg.sparsity
-    n = len(train_arrays["inputs"])
-    rows = np.sort(np.random.default_rng(cfg.seed).permutation(n)[:sc.calib_samples])
-    return LosaHook(LosaOptions.from_config(sc), model, frozen,
-                    jnp.asarray(train_arrays["inputs"][rows]), cfg.train.steps, workdir,
-                    evaluate, log=log)
+    n = len(run.train_arrays["inputs"])
+    rows = np.sort(np.random.default_rng(run.seed).permutation(n)[:method.calib_samples])
+    return _LazyHook(LosaOptions.from_method(method), run,
+                     jnp.asarray(run.train_arrays["inputs"][rows]))
+
+
+class _LazyHook:
+    """``LosaHook`` built from the frozen tree when the loop first hands it over (``restore``)."""
+
+    def __init__(self, opts: LosaOptions, run, calib_tokens):
+        self.opts, self.run, self.calib, self.hook = opts, run, calib_tokens, None
+
+    def restore(self, step: int, frozen):
+        r = self.run
+        self.hook = LosaHook(self.opts, r.model, frozen, self.calib, r.steps, r.workdir,
+                             r.evaluate, log=r.log)
+        return self.hook.restore(step, frozen)
+
+    def __call__(self, step: int, trainable, frozen):
+        return self.hook(step, trainable, frozen)
+
+    def finish(self, trainable, frozen, workdir) -> dict:
+        return self.hook.finish(trainable, frozen, workdir)

@@ -11,7 +11,8 @@ from lora_jax.train.config import (
     from_dict,
     to_dict,
 )
+from lora_jax.train.steps import make_train_step, token_loss
 from lora_jax.train.trainer import train_and_evaluate
 
-__all__ = ["AdapterConfig", "BaseConfig", "DataConfig", "Experiment", "ModelConfig",
+__all__ = ["make_train_step", "token_loss","AdapterConfig", "BaseConfig", "DataConfig", "Experiment", "ModelConfig",
            "OptimConfig", "TrainConfig", "from_dict", "to_dict", "train_and_evaluate"]

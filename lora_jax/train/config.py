@@ -58,22 +58,23 @@ class BaseConfig:
     pretrain_steps: int = 2000
     pretrain_lr: float = 1e-3
     pretrain_batch_size: int = 32
+    seed: int = 0  # the base's own seed, apart from the adapters' (a seed sweep reuses one base)
     cache_dir: str = ""  # default: $LORA_JAX_CACHE or ~/.cache/lora_jax
 
 
 @dataclasses.dataclass(frozen=True)
 class AdapterConfig:
-    """The adapter spec (see ``lora_jax.LoraSpec``); ignored by full fine-tuning."""
+    """The adapter spec (see ``lora_jax.LoraSpec``) beside the method; ignored by full
+    fine-tuning. Method hyperparameters (init, LoRA+, MTL's tasks, LoSA's schedule) are the
+    method's own: ``Experiment.method_args``."""
 
     rank: int = 8
     alpha: float = 16.0
     targets: str = "all-linear"  # preset name or comma-separated regexes
     exclude: str = ""
     dropout: float = 0.0
-    init: str = "default"
     rslora: bool = False
     modules_to_save: str = ""
-    lora_plus_ratio: float = 0.0  # 0 disables LoRA+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,40 +128,17 @@ class QuantConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class SparsityConfig:
-    """LoSA / pruning of the base (see lora_jax.sparsity, docs/losa.md); used by method='losa'."""
-
-    target: float = 0.0  # final sparsity S; 0 disables pruning
-    pruner: str = "wanda"  # 'magnitude' | 'wanda' | 'sparsegpt'
-    iterations: int = 5  # LoSA's T
-    pattern: str = ""  # '' (unstructured) | 'n:m', e.g. '2:4'
-    beta: float = 1.0  # RMI temperature
-    layerwise: bool = True  # RMI layer-wise sparsity; False = the same rate for every block
-    rank_start: int = 6  # mean rank of iteration 1 (reference: 6); adapter.rank is r_max
-    rank_step: int = 1  # added to the mean rank per iteration (reference: 1)
-    dynamic_rank: bool = True  # ranks from reconstruction errors; False = r_max everywhere
-    masked: bool = True  # adapters masked by the base's sparsity (False: plain LoRA on top)
-    calib_samples: int = 64  # calibration sequences, taken from the training set
-
-
-@dataclasses.dataclass(frozen=True)
-class MtlConfig:
-    """Multi-task adapter options: MTL-LoRA's (lora_jax.methods.mtl) and its baselines'
-    (lora_jax.methods.multi). The number of tasks is ``len(data.tasks)``."""
-
-    num_up: int = 3  # MTL-LoRA: n up-projections B_i
-    temperature: float = 0.1  # MTL-LoRA: softmax temperature τ of the mixing weights
-    diagonal: bool = False  # MTL-LoRA: diagonal Λ_t
-    num_loras: int = 3  # MultiLoRA ('multilora'): n summed LoRAs
-    export_merged: bool = False  # 'mtl' / 'per_task': also export one merged model per task
-
-
-@dataclasses.dataclass(frozen=True)
 class Experiment:
-    """One experiment: ``train_and_evaluate(Experiment, workdir)`` runs it."""
+    """One experiment: ``train_and_evaluate(Experiment, workdir)`` runs it.
 
-    method: str = "lora"  # 'lora' | 'dora' | 'full'
-    seed: int = 0
+    ``method`` is a registered adapter method (``lj.methods.known()``), built as
+    ``lj.methods.from_config(method, method_args)``, or ``'full'``: full fine-tuning, the
+    baseline, which trains every parameter and has no adapters.
+    """
+
+    method: str = "lora"  # a registered method ('lora', 'dora', 'mtl', ...) or 'full'
+    method_args: dict[str, Any] = dataclasses.field(default_factory=dict)  # the method's kwargs
+    seed: int = 0  # adapters' init, data order and dropout
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     base: BaseConfig = BaseConfig()
@@ -169,8 +147,14 @@ class Experiment:
     train: TrainConfig = TrainConfig()
     mesh: MeshConfig = MeshConfig()
     quant: QuantConfig = QuantConfig()
-    sparsity: SparsityConfig = SparsityConfig()
-    mtl: MtlConfig = MtlConfig()
+
+    @property
+    def full_finetune(self) -> bool:
+        """The baseline: every parameter trains, as itself (not an adapter)."""
+        return self.method == FULL
+
+
+FULL = "full"
 
 
 def to_dict(cfg: Any) -> dict:
@@ -191,6 +175,8 @@ def from_dict(cls: type, values: Mapping[str, Any], where: str = "config") -> An
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
             value = from_dict(hint, value, f"{where}.{name}")
+        elif typing.get_origin(hint) is dict:
+            value = dict(value)
         elif typing.get_origin(hint) is tuple:
             # 'a,b' and ('a,b',) (what a --config.x=a,b flag gives) both mean ('a', 'b').
             items = [value] if isinstance(value, str) else value

@@ -26,12 +26,12 @@ import optax
 
 import lora_jax as lj
 from lora_jax import data as D
-from lora_jax import distributed, io, models, sharding
-from lora_jax.sparsity import schedule as losa_schedule
+from lora_jax import distributed, io, methods, models, sharding
 from lora_jax.train import checkpoint
-from lora_jax.train.config import (BaseConfig, DataConfig, Experiment, ModelConfig, OptimConfig,
-                                   TrainConfig, fingerprint, to_dict)
+from lora_jax.train.config import (FULL, BaseConfig, DataConfig, Experiment, ModelConfig,
+                                   OptimConfig, TrainConfig, fingerprint, to_dict)
 from lora_jax.train.metrics import MetricsWriter, Progress, format_duration
+from lora_jax.train.steps import evaluate, make_eval_step, make_train_step, token_loss
 
 
 def log(msg: str) -> None:
@@ -95,15 +95,16 @@ def _cache_dir(cfg: Experiment) -> Path:
 def pretrain_experiment(cfg: Experiment) -> Experiment:
     """The full fine-tuning run that makes the cached base model for ``cfg``.
 
-    Built only from what defines the base (model, ``cfg.base``, tokenizer, sequence length,
-    seeds), so runs that differ in anything else share one cached base.
+    Built only from what defines the base (model, ``cfg.base`` with its own seed, tokenizer,
+    sequence length, data seed), so runs that differ in anything else (the adapters' ``seed``
+    included) share one cached base.
     """
     b, d = cfg.base, cfg.data
     return Experiment(
-        method="full", seed=cfg.seed, model=cfg.model, mesh=cfg.mesh,
+        method=FULL, seed=b.seed, model=cfg.model, mesh=cfg.mesh,
         base=BaseConfig(source="init", pretrain_tasks=b.pretrain_tasks,
                         pretrain_steps=b.pretrain_steps, pretrain_lr=b.pretrain_lr,
-                        pretrain_batch_size=b.pretrain_batch_size),
+                        pretrain_batch_size=b.pretrain_batch_size, seed=b.seed),
         data=DataConfig(kind="tasks", tasks=b.pretrain_tasks, seq_len=d.seq_len,
                         tokenizer=d.tokenizer, seed=d.seed),
         optim=OptimConfig(lr=b.pretrain_lr),
@@ -123,7 +124,7 @@ def base_params(cfg: Experiment, model, hf_params, example):
         return hf_params
     if cfg.base.source == "init":
         return jax.jit(lambda k: lj.transform._unbox(model.init(k, example)["params"]))(
-            jax.random.key(cfg.seed))
+            jax.random.key(cfg.base.seed))
     if cfg.base.source != "pretrain":
         raise ValueError(f"unknown base.source {cfg.base.source!r}; use 'pretrain', 'init', 'hf'")
     pre = pretrain_experiment(cfg)
@@ -140,22 +141,19 @@ def base_params(cfg: Experiment, model, hf_params, example):
     return io.load_params(path)
 
 
-def prepare_base(cfg: Experiment, model, params, example):
-    """Method preparation of the frozen base: quantise the ``cfg.quant`` targets (QLoRA).
+def quantize_base(cfg: Experiment, model, params, example):
+    """The frozen base with the ``cfg.quant`` targets quantised (QLoRA), or unchanged.
 
-    Adapters are then initialised over the quantised weights (as in QLoRA), so B = 0 reproduces
-    the quantised base exactly.
+    Adapters are then initialised over the quantised weights (as in QLoRA), so an identity init
+    reproduces the quantised base exactly. Quantisation is a property of the frozen base, so it
+    composes with any adapter method (QLoRA, QDoRA, ...), not with full fine-tuning.
     """
     q = cfg.quant
     if not q.kind:
         return params
-    if cfg.method == "full":
+    if cfg.full_finetune:
         raise ValueError(f"quant.kind={q.kind!r} quantises the frozen base, but method='full' "
                          "trains every parameter; use an adapter method or quant.kind=''")
-    if cfg.adapter.init == "pissa":
-        raise ValueError("adapter.init='pissa' turns the base into a residual, which would need "
-                         "re-quantising (QPiSSA/LoftQ, not supported); use quant.kind='' or "
-                         "adapter.init='default'")
     split = lambda s: tuple(filter(None, (p.strip() for p in s.split(","))))
     layouts = lj.trace_layouts(model, params, example)
     qparams = lj.quantize_params(params, split(q.targets), q.kind, layouts=layouts,
@@ -170,10 +168,12 @@ def prepare_base(cfg: Experiment, model, params, example):
     return qparams
 
 
-# ----------------------------------------------------------------------------- steps
+# ----------------------------------------------------------------------------- what trains
 
 
 def make_optimizer(oc, total_steps: int) -> optax.GradientTransformation:
+    """The base optimizer with its schedule (no clipping: ``clipped`` adds it around the whole
+    trainable tree, so LoRA+'s groups are clipped together)."""
     if oc.schedule == "cosine":
         lr = optax.warmup_cosine_decay_schedule(0.0, oc.lr, min(oc.warmup_steps, total_steps),
                                                 max(total_steps, oc.warmup_steps + 1))
@@ -182,65 +182,70 @@ def make_optimizer(oc, total_steps: int) -> optax.GradientTransformation:
     else:
         raise ValueError(f"unknown optim.schedule {oc.schedule!r}; use 'cosine' or 'constant'")
     if oc.name == "adamw":
-        tx = optax.adamw(lr, b1=oc.b1, b2=oc.b2, weight_decay=oc.weight_decay)
-    elif oc.name == "sgd":
-        tx = optax.sgd(lr, momentum=oc.b1)
-    else:
-        raise ValueError(f"unknown optim.name {oc.name!r}; use 'adamw' or 'sgd'")
+        return optax.adamw(lr, b1=oc.b1, b2=oc.b2, weight_decay=oc.weight_decay)
+    if oc.name == "sgd":
+        return optax.sgd(lr, momentum=oc.b1)
+    raise ValueError(f"unknown optim.name {oc.name!r}; use 'adamw' or 'sgd'")
+
+
+def clipped(oc, tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``tx`` after one global-norm clip over every trainable leaf (``optim.grad_clip``)."""
     return optax.chain(optax.clip_by_global_norm(oc.grad_clip), tx) if oc.grad_clip else tx
 
 
 @dataclasses.dataclass
 class Setup:
-    """What a method contributes to the loop: the trees and the forward pass over them."""
+    """What trains and how: the trees, the forward pass and loss over them, the optimizer, the
+    export, and the methods' training callbacks."""
 
     trainable: Any
     frozen: Any
     forward: Callable  # (trainable, frozen, inputs, task_ids, rng, train) -> logits
+    penalty: Callable  # (trainable, frozen) -> scalar added to the loss (methods' regularisers)
     tx: optax.GradientTransformation
     export: Callable  # (trainable, frozen, workdir) -> None
+    methods: tuple = ()  # the adapter methods (empty for full fine-tuning)
+
+
+def build_method(cfg: Experiment) -> lj.Method:
+    """The method object of ``cfg`` (validated by the method itself)."""
+    return methods.from_config(cfg.method, cfg.method_args)
 
 
 def adapter_spec(cfg: Experiment) -> lj.LoraSpec:
     a = cfg.adapter
     split = lambda s: tuple(filter(None, (p.strip() for p in s.split(","))))
     return lj.LoraSpec(rank=a.rank, alpha=a.alpha, targets=split(a.targets),
-                       exclude=split(a.exclude), dropout=a.dropout, method=cfg.method,
-                       init=a.init, rslora=a.rslora, modules_to_save=split(a.modules_to_save),
-                       options=method_options(cfg))
-
-
-def method_options(cfg: Experiment) -> tuple:
-    """``LoraSpec.options`` for the multi-task methods, from ``cfg.mtl``; T = len(data.tasks)."""
-    m, num_tasks = cfg.mtl, len(cfg.data.tasks) if cfg.data.kind == "tasks" else 1
-    return {"mtl": (("num_tasks", num_tasks), ("num_up", m.num_up),
-                    ("temperature", m.temperature), ("diagonal", m.diagonal)),
-            "per_task": (("num_tasks", num_tasks),),
-            "multilora": (("num_loras", m.num_loras),)}.get(cfg.method, ())
+                       exclude=split(a.exclude), dropout=a.dropout, method=build_method(cfg),
+                       rslora=a.rslora, modules_to_save=split(a.modules_to_save))
 
 
 def _rngs(rng):
     return None if rng is None else {"dropout": rng}
 
 
-def setup_method(cfg: Experiment, model, params, example) -> Setup:
-    """Builds the trainable/frozen split for ``cfg.method``."""
-    tx = make_optimizer(cfg.optim, cfg.train.steps)
-    if cfg.method == "full":
-        def forward(trainable, frozen, inputs, task_ids, rng, train):
-            return model.apply({"params": trainable}, inputs, deterministic=not train,
-                               rngs=_rngs(rng))
+def full_setup(cfg: Experiment, model, params) -> Setup:
+    """Full fine-tuning, the baseline: every parameter trains as itself; no adapters."""
 
-        return Setup(params, {}, forward, tx,
-                     lambda t, f, w: io.save_params(w / "params.msgpack", t))
+    def forward(trainable, frozen, inputs, task_ids, rng, train):
+        return model.apply({"params": trainable}, inputs, deterministic=not train,
+                           rngs=_rngs(rng))
+
+    tx = clipped(cfg.optim, make_optimizer(cfg.optim, cfg.train.steps))
+    return Setup(params, {}, forward, lambda t, f: 0.0, tx,
+                 lambda t, f, w: io.save_params(w / "params.msgpack", t))
+
+
+def adapter_setup(cfg: Experiment, model, params, example) -> Setup:
+    """Adapters of ``cfg.method`` on the frozen base: init, the method's base transform (PiSSA's
+    residual), the split into trainable arrays and frozen state, the method's optimizer."""
     spec = adapter_spec(cfg)
     layouts = lj.trace_layouts(model, params, example)
     adapters = lj.init_adapters(params, spec, jax.random.key(cfg.seed + 1), layouts=layouts)
-    if spec.init == "pissa":
-        params = lj.unmerge(params, adapters)
+    params, adapters = lj.transform_base(params, adapters)
     trainable, state = lj.split(adapters)
-    ratio = cfg.adapter.lora_plus_ratio or None
-    tx = lj.adapter_optimizer(tx, trainable, lora_plus_ratio=ratio)
+    tx = clipped(cfg.optim, lj.adapter_optimizer(make_optimizer(cfg.optim, cfg.train.steps),
+                                                 trainable))
     log(lj.summary(params, adapters))
 
     def forward(trainable, frozen, inputs, task_ids, rng, train):
@@ -249,59 +254,30 @@ def setup_method(cfg: Experiment, model, params, example) -> Setup:
                         deterministic=not train)
 
     def export(trainable, frozen, workdir):
-        meta = {"spec": to_dict(cfg.adapter), "method": cfg.method, "model": to_dict(cfg.model),
-                "options": [list(o) for o in method_options(cfg)]}
-        adapters = lj.join(trainable, frozen["state"])
-        io.save_adapters(workdir / "adapter", adapters, meta)
-        if cfg.mtl.export_merged and cfg.method in ("mtl", "per_task"):
-            for t, name in enumerate(cfg.data.tasks):  # one merged model per task
-                io.save_params(workdir / "merged" / f"{name}.msgpack",
-                               lj.merge(frozen["params"], adapters, task=t))
+        meta = {"spec": to_dict(cfg.adapter), "method": cfg.method,
+                "method_args": dict(cfg.method_args), "model": to_dict(cfg.model)}
+        io.save_adapters(workdir / "adapter", lj.join(trainable, frozen["state"]), meta)
 
-    return Setup(trainable, {"params": params, "state": state}, forward, tx, export)
+    penalty = lambda t, f: lj.regularizer(lj.join(t, f["state"]))
+    return Setup(trainable, {"params": params, "state": state}, forward, penalty, tx, export,
+                 tuple(methods.methods_of(adapters)))
 
 
-def token_loss(logits, batch):
-    """Mean cross-entropy over the loss-mask positions; also returns the mask's sum."""
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
-                                                         batch["targets"])
-    mask = batch["loss_mask"]
-    return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0), jnp.sum(mask)
+def make_setup(cfg: Experiment, model, params, example) -> Setup:
+    if cfg.full_finetune:
+        return full_setup(cfg, model, params)
+    return adapter_setup(cfg, model, params, example)
 
 
 def make_steps(setup: Setup, sh: sharding.TrainShardings | None = None):
-    """The jitted train and eval steps. Trainable params and optimizer state are donated.
-
-    With shardings ``sh`` (``lora_jax.sharding.train_shardings``) both steps are jitted with
-    explicit in/out shardings (the train step's outputs are sharded exactly as its inputs), the
-    train step takes a global batch (``sharding.shard_batch``) and the eval step host arrays.
-    """
-
+    """The jitted train and eval steps of a ``Setup`` (token loss plus the methods' penalty)."""
     forward = setup.forward if sh is None else sharding.batch_sharded(setup.forward, sh.mesh)
 
     def loss_fn(trainable, frozen, batch, rng):
         logits = forward(trainable, frozen, batch["inputs"], batch["task_ids"], rng, True)
-        return token_loss(logits, batch)[0]
+        return token_loss(logits, batch)[0] + setup.penalty(trainable, frozen)
 
-    def train_step(trainable, opt_state, frozen, batch, rng):
-        loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, batch, rng)
-        updates, opt_state = setup.tx.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, loss
-
-    def eval_step(trainable, frozen, batch):
-        logits = forward(trainable, frozen, batch["inputs"], batch["task_ids"], None, False)
-        loss, n = token_loss(logits, batch)
-        return loss * n, n, jnp.argmax(logits, -1)
-
-    if sh is None:
-        return jax.jit(train_step, donate_argnums=(0, 1)), jax.jit(eval_step)
-    train_step = jax.jit(
-        train_step, donate_argnums=(0, 1),
-        in_shardings=(sh.trainable, sh.opt_state, sh.frozen, sh.batch, sh.replicated),
-        out_shardings=(sh.trainable, sh.opt_state, sh.replicated))
-    eval_jit = jax.jit(eval_step, in_shardings=(sh.trainable, sh.frozen, sh.batch),
-                       out_shardings=sh.replicated)
-    return train_step, lambda t, f, batch: eval_jit(t, f, sharding.replicate_batch(batch, sh.mesh))
+    return make_train_step(loss_fn, setup.tx, sh), make_eval_step(forward, sh)
 
 
 def shard_setup(cfg: Experiment, model, example, setup: Setup) -> sharding.TrainShardings:
@@ -316,45 +292,32 @@ def shard_setup(cfg: Experiment, model, example, setup: Setup) -> sharding.Train
                                     setup.trainable, setup.frozen, setup.tx)
 
 
-def evaluate(eval_step, trainable, frozen, arrays, batch_size: int, tasks) -> dict:
-    """Eval loss and exact-match accuracy (per task and 'mean') on ``arrays``."""
-    n = len(arrays["inputs"])
-    loss_sum, count, preds = 0.0, 0.0, []
-    for start in range(0, n, batch_size):
-        idx = np.arange(start, start + batch_size) % n  # pad the last batch by wrapping around
-        batch = {k: v[idx] for k, v in arrays.items()}
-        keep = min(batch_size, n - start)
-        batch["loss_mask"][keep:] = 0.0
-        s, c, p = eval_step(trainable, frozen, batch)
-        loss_sum, count = loss_sum + float(s), count + float(c)
-        preds.append(np.asarray(p)[:keep])
-    correct = D.exact_match(np.concatenate(preds), arrays["targets"], arrays["loss_mask"])
-    acc = D.per_task_accuracy(correct, arrays["task_ids"], list(tasks))
-    return {"loss": loss_sum / max(count, 1.0), "accuracy": acc}
-
-
 # ----------------------------------------------------------------------------- the loop
 
 
-class _Preemption:
-    """Turns SIGTERM into a flag the loop checks (only in the main thread)."""
+class Preemption:
+    """SIGTERM as a flag the trainer checks at safe points (setup done, every step).
+
+    ``PREEMPTION.install()`` is called as early as possible (the launcher calls it before its
+    heavy imports through ``request()`` of a signal it caught itself), so a SIGTERM at any moment
+    of a run (start-up and pretraining included) ends it with a checkpoint and exit 0, never
+    with -15. Only the main thread can install it; elsewhere the flag is never set.
+    """
 
     def __init__(self):
-        self.requested, self.previous = False, None
+        self.requested = False
 
-    def __enter__(self):
-        try:
-            self.previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread
-            self.previous = None
-        return self
-
-    def _handle(self, signum, frame):
+    def request(self, *_):
         self.requested = True
 
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
+    def install(self) -> None:
+        try:
+            signal.signal(signal.SIGTERM, self.request)
+        except ValueError:  # not the main thread
+            pass
+
+
+PREEMPTION = Preemption()
 
 
 def _identity(cfg: Experiment) -> dict:
@@ -373,26 +336,40 @@ def _accuracy_table(base: dict, final: dict) -> str:
     return "\n".join(lines)
 
 
+def _interrupted(workdir, step: int, what: str) -> dict:
+    PREEMPTION.requested = False  # handled: a later run in this process starts afresh
+    log(f"SIGTERM {what}; rerun the same command to resume from step {step} in {workdir}")
+    return {"interrupted": True, "step": step}
+
+
 def train_and_evaluate(cfg: Experiment, workdir: str | os.PathLike) -> dict:
     """Runs (or resumes) the experiment in ``workdir``; returns the summary it writes.
 
     Writes ``run.json`` (identity), ``checkpoints/``, ``metrics.jsonl``, ``tb/``, the export
     (``adapter/`` or ``params.msgpack``) and ``summary.json``. If SIGTERM arrives, the current
     state is checkpointed and the function returns ``{'interrupted': True}`` without a summary.
+    A completed run is never rewritten: rerunning it returns its summary.
     """
+    PREEMPTION.install()
+    if not cfg.full_finetune:
+        build_method(cfg)  # the method validates its arguments before the workdir is touched
     distributed.initialize(cfg.mesh)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     checkpoint.check_identity(workdir, _identity(cfg))
+    if (workdir / "summary.json").exists():
+        summary = json.loads((workdir / "summary.json").read_text())
+        log(f"{workdir} is complete (summary.json); nothing to do")
+        return summary
     tokenizer = D.get_tokenizer(cfg.data.tokenizer)
     model, model_cfg, hf_params = build_model(cfg.model, tokenizer.vocab_size)
     train_arrays, eval_arrays, tasks = load_data(cfg.data, tokenizer)
     example = jnp.zeros((1, cfg.data.seq_len), jnp.int32)
     params = base_params(cfg, model, hf_params, example)
-    if params is None:
-        return {"interrupted": True, "step": 0}
-    params = prepare_base(cfg, model, params, example)
-    setup = setup_method(cfg, model, params, example)
+    if params is None or PREEMPTION.requested:
+        return _interrupted(workdir, 0, "during start-up")
+    params = quantize_base(cfg, model, params, example)
+    setup = make_setup(cfg, model, params, example)
     sh = shard_setup(cfg, model, example, setup)
     train_step, eval_step = make_steps(setup, sh)
     loader = D.ArrayLoader(train_arrays, cfg.train.batch_size, seed=cfg.seed,
@@ -402,16 +379,19 @@ def train_and_evaluate(cfg: Experiment, workdir: str | os.PathLike) -> dict:
     trainable, frozen = sharding.put((setup.trainable, setup.frozen), (sh.trainable, sh.frozen))
     opt_state = jax.jit(setup.tx.init, out_shardings=sh.opt_state)(trainable)
     start, (trainable, opt_state) = ckpts.restore_latest((trainable, opt_state))
-    hook = losa_schedule.trainer_hook(
-        cfg, model, frozen, train_arrays, workdir,
-        lambda t, f: evaluate(eval_step, t, f, eval_arrays, cfg.train.eval_batch_size, tasks), log)
-    frozen = hook.restore(start, frozen) if hook else frozen  # LoSA: masks change between segments
+    run_eval = lambda t, f: evaluate(eval_step, t, f, eval_arrays, cfg.train.eval_batch_size,
+                                     tasks)
+    run = methods.Run(model=model, train_arrays=train_arrays, tasks=tuple(tasks),
+                      steps=cfg.train.steps, seed=cfg.seed, workdir=workdir, evaluate=run_eval,
+                      log=log)
+    callbacks = [c for c in (m.callback(run) for m in setup.methods) if c is not None]
+    for c in callbacks:  # e.g. LoSA: masks change between segments
+        frozen = c.restore(start, frozen)
     base_file = workdir / "base_eval.json"
     if base_file.exists():
         base_eval = json.loads(base_file.read_text())
     else:
-        base_eval = evaluate(eval_step, trainable, frozen, eval_arrays,
-                             cfg.train.eval_batch_size, tasks)
+        base_eval = run_eval(trainable, frozen)
         if jax.process_index() == 0:
             base_file.write_text(json.dumps(base_eval))
     if start:
@@ -420,44 +400,42 @@ def train_and_evaluate(cfg: Experiment, workdir: str | os.PathLike) -> dict:
     progress = Progress(cfg.train.steps, cfg.train.batch_size * cfg.data.seq_len, start)
     key = jax.random.key(cfg.seed + 2)
     train_time, loss, step = 0.0, float("nan"), start
-    with _Preemption() as preempt:
-        for step in range(start + 1, cfg.train.steps + 1):
-            if hook:
-                frozen = hook(step, trainable, frozen)
-            t0 = time.perf_counter()
-            batch = sharding.shard_batch(loader.batch(step - 1), sh.mesh)
-            trainable, opt_state, loss = train_step(trainable, opt_state, frozen, batch,
-                                                    jax.random.fold_in(key, step))
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                loss = float(loss)
-                rates = progress.report(step)
-                metrics.write(step, "train", loss=loss, **rates)
-                log(f"step {step}/{cfg.train.steps}  loss {loss:.4f}  "
-                    f"{rates['steps_per_sec']:.1f} steps/s  {rates['tokens_per_sec']:,.0f} tok/s  "
-                    f"ETA {format_duration(rates['eta_sec'])}")
-            train_time += time.perf_counter() - t0
-            if step % cfg.train.eval_every == 0 and step != cfg.train.steps:
-                ev = evaluate(eval_step, trainable, frozen, eval_arrays,
-                              cfg.train.eval_batch_size, tasks)
-                metrics.write(step, "eval", **ev)
-                log(f"eval @ {step}: loss {ev['loss']:.4f}  accuracy {ev['accuracy']['mean']:.3f}")
-            if step % cfg.train.checkpoint_every == 0 or preempt.requested:
-                ckpts.save(step, (trainable, opt_state))
-            if preempt.requested:
-                log(f"SIGTERM: checkpointed step {step} in {workdir}; rerun to resume")
-                ckpts.close()
-                metrics.close()
-                return {"interrupted": True, "step": step}
+    for step in range(start + 1, cfg.train.steps + 1):
+        if PREEMPTION.requested:
+            ckpts.save(step - 1, (trainable, opt_state))
+            ckpts.close()
+            metrics.close()
+            return _interrupted(workdir, step - 1, f"checkpointed step {step - 1}")
+        for c in callbacks:
+            frozen = c(step, trainable, frozen)
+        t0 = time.perf_counter()
+        batch = sharding.shard_batch(loader.batch(step - 1), sh.mesh)
+        trainable, opt_state, out = train_step(trainable, opt_state, frozen, batch,
+                                               jax.random.fold_in(key, step))
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            loss = float(out["loss"])
+            rates = progress.report(step)
+            metrics.write(step, "train", loss=loss, grad_norm=float(out["grad_norm"]), **rates)
+            log(f"step {step}/{cfg.train.steps}  loss {loss:.4f}  "
+                f"{rates['steps_per_sec']:.1f} steps/s  {rates['tokens_per_sec']:,.0f} tok/s  "
+                f"ETA {format_duration(rates['eta_sec'])}")
+        train_time += time.perf_counter() - t0
+        if step % cfg.train.eval_every == 0 and step != cfg.train.steps:
+            ev = run_eval(trainable, frozen)
+            metrics.write(step, "eval", **ev)
+            log(f"eval @ {step}: loss {ev['loss']:.4f}  accuracy {ev['accuracy']['mean']:.3f}")
+        if step % cfg.train.checkpoint_every == 0:
+            ckpts.save(step, (trainable, opt_state))
     ckpts.save(step, (trainable, opt_state))
     ckpts.close()
-    final = evaluate(eval_step, trainable, frozen, eval_arrays, cfg.train.eval_batch_size, tasks)
+    final = run_eval(trainable, frozen)
     metrics.write(step, "eval", **final)
     metrics.close()
     exported = distributed.gather((trainable, frozen))  # every process takes part
     if jax.process_index() == 0:
         setup.export(*exported, workdir)
     n_train = lj.count_params(trainable)
-    n_base = lj.count_params(frozen.get("params", {})) if cfg.method != "full" else 0
+    n_base = lj.count_params(frozen.get("params", {}))
     summary = {
         "method": cfg.method,
         "model": f"{cfg.model.family}/{cfg.model.preset}" if not cfg.model.hf_path
@@ -474,8 +452,8 @@ def train_and_evaluate(cfg: Experiment, workdir: str | os.PathLike) -> dict:
         "tokens_per_sec": cfg.train.batch_size * cfg.data.seq_len * (step - start)
         / max(train_time, 1e-9),
     }
-    if hook:
-        summary.update(hook.finish(trainable, frozen, workdir))
+    for c in callbacks:
+        summary.update(c.finish(*exported, workdir))
     if jax.process_index() == 0:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
     log(_accuracy_table(base_eval["accuracy"], final["accuracy"]))

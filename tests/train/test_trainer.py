@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import jax
+import optax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -66,10 +67,11 @@ def test_every_config_builds_and_trains_one_step(name, tmp_path):
 def _structure(cfg: Experiment) -> tuple:
     """What decides the compiled program's shapes and code paths, as opposed to the scalar
     hyperparameters (lr, alpha, τ, β, target sparsity, ...) that only change constants in it."""
-    a, s, m = cfg.adapter, cfg.sparsity, cfg.mtl
-    return (cfg.method, cfg.model.family, cfg.model.scan_layers, _width(cfg), a.targets, a.init,
-            a.modules_to_save, a.lora_plus_ratio > 0, cfg.quant.kind, s.pattern, s.masked,
-            s.layerwise, s.pruner, m.num_up, m.diagonal, m.num_loras)
+    a, m = cfg.adapter, cfg.method_args
+    return (cfg.method, cfg.model.family, cfg.model.scan_layers, _width(cfg), a.targets,
+            a.modules_to_save, cfg.quant.kind, m.get("init_weights"), m.get("lora_plus_ratio", 0) > 0,
+            m.get("pattern"), m.get("masked"), m.get("layerwise"), m.get("pruner"), m.get("num_up"),
+            m.get("diagonal"), m.get("num_loras"))
 
 
 @pytest.mark.slow
@@ -84,7 +86,7 @@ def test_every_sweep_point_builds_and_trains_one_step(name, tmp_path):
     for i, overrides in enumerate(points):
         config = common.apply_overrides(module.get_config(""), overrides)
         cfg = tiny(from_dict(Experiment, config.to_dict()), steps=1)
-        if cfg.method != "full":
+        if not cfg.full_finetune:
             tok = trainer.D.get_tokenizer(cfg.data.tokenizer)
             model, _, _ = trainer.build_model(cfg.model, tok.vocab_size)
             example = jnp.zeros((1, cfg.data.seq_len), jnp.int32)
@@ -109,14 +111,14 @@ def test_step_does_not_recompile():
     train, _, _ = trainer.load_data(cfg.data, tok)
     example = jnp.zeros((1, cfg.data.seq_len), jnp.int32)
     params = trainer.base_params(cfg, model, None, example)
-    setup = trainer.setup_method(cfg, model, params, example)
+    setup = trainer.make_setup(cfg, model, params, example)
     train_step, _ = trainer.make_steps(setup)
     t, o = setup.trainable, setup.tx.init(setup.trainable)
     loader = trainer.D.ArrayLoader(train, 8, seed=0)
     losses = []
     for step in range(3):
-        t, o, loss = train_step(t, o, setup.frozen, loader.batch(step), jax.random.key(step))
-        losses.append(float(loss))
+        t, o, out = train_step(t, o, setup.frozen, loader.batch(step), jax.random.key(step))
+        losses.append(float(out["loss"]))
     assert train_step._cache_size() == 1
     assert losses[-1] < losses[0]
 
@@ -234,3 +236,25 @@ def test_config_arg_typo_is_an_error():
         load_config("lora", "rnak=4")
     with pytest.raises(KeyError, match="no such field"):
         common.apply_overrides(load_config("lora"), {"adapter.rnak": 4})
+
+
+def test_lora_plus_is_clipped_once_over_every_trainable_leaf():
+    """LoRA+ puts B in its own optimizer group; the gradient clip must still be one global norm
+    over A and B together (clipping inside each group would clip them separately)."""
+    cfg = _lora_tiny()
+    cfg = dataclasses.replace(cfg, method_args={**cfg.method_args, "lora_plus_ratio": 4.0},
+                              optim=dataclasses.replace(cfg.optim, grad_clip=1e-3, name="sgd",
+                                                        b1=0.0, warmup_steps=0,
+                                                        schedule="constant"))
+    tok = trainer.D.get_tokenizer("byte")
+    model, _, _ = trainer.build_model(cfg.model, tok.vocab_size)
+    example = jnp.zeros((1, cfg.data.seq_len), jnp.int32)
+    params = trainer.base_params(cfg, model, None, example)
+    setup = trainer.make_setup(cfg, model, params, example)
+    grads = jax.tree.map(jnp.ones_like, setup.trainable)
+    _, state = setup.tx.update(grads, setup.tx.init(setup.trainable), setup.trainable)
+    updates, _ = setup.tx.update(grads, state, setup.trainable)  # past the 1-step warm-up
+    norm = float(optax.global_norm(grads))
+    for (path, g), u in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(updates)):
+        ratio = 4.0 if path[-1].key == "b" else 1.0
+        np.testing.assert_allclose(u, -cfg.optim.lr * ratio * g * 1e-3 / norm, rtol=1e-5)
