@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import statistics
 import sys
 import time
@@ -29,11 +30,22 @@ from absl import app
 
 import lora_jax as lj
 from experiments import bench
+from experiments.benchlib import machine
 from lora_jax.models import get_model
 from lora_jax.sparsity import model as sm
 
 SECTION = "## LoSA"
+PRUNE_SECTION = "## Pruning time"
 FLAGS = bench.flags.FLAGS
+_PRUNE_ONLY = bench.flags.DEFINE_bool("prune_only", False, "Only time the pruners (GPT-2 block "
+                                      "and a Llama-7B-shaped layer); writes '## Pruning time'.")
+_LLAMA_PRUNERS = bench.flags.DEFINE_list("llama_pruners", ["magnitude", "wanda", "sparsegpt"],
+                                         "Pruners timed on the Llama-7B-shaped layer.")
+# One Llama-7B decoder layer: (d_in, d_out) of its seven linear kernels; 32 such layers.
+LLAMA7B_LAYER = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096),
+                 "o_proj": (4096, 4096), "gate_proj": (4096, 11008), "up_proj": (4096, 11008),
+                 "down_proj": (11008, 4096)}
+LLAMA7B_LAYERS = 32
 
 
 def _steps(model, params, tokens):
@@ -107,6 +119,76 @@ def _prune_times(model, params, tokens, steps):
     return out, shapes
 
 
+def _llama_layer_prune_times(pruners: list[str], rows: int = 512) -> dict:
+    """Seconds to prune one Llama-7B-shaped layer (7 kernels, random weights, ``rows`` random
+    calibration rows, statistics included) with each pruner, one call per kernel: the first
+    kernel of each shape pays the compile, as the first layer of a real run would."""
+    from lora_jax.sparsity import pruners as pr
+    out = {}
+    for pruner in pruners:
+        per_kernel = {}
+        for i, (name, (d_in, d_out)) in enumerate(LLAMA7B_LAYER.items()):
+            kw, kx = jax.random.split(jax.random.key(i))
+            w = 0.02 * jax.random.normal(kw, (d_in, d_out), jnp.float32)
+            x = jax.random.normal(kx, (rows, d_in), jnp.float32)
+            jax.block_until_ready((w, x))
+            t0 = time.perf_counter()
+            stats = pr.calib_stats_from_inputs(x) if pruner != "magnitude" else None
+            w2, keep = sm.prune_kernel(w, stats, 0.5, pruner)
+            jax.block_until_ready((w2, keep))
+            per_kernel[name] = time.perf_counter() - t0
+            print(f"llama {pruner} {name}: {per_kernel[name]:.2f} s", flush=True)
+            del w, x, w2, keep, stats
+        layer = sum(per_kernel.values())
+        out[pruner] = {"per_kernel_s": per_kernel, "layer_s": layer,
+                       "model_s_projected": layer * LLAMA7B_LAYERS}
+    return out
+
+
+def prune_markdown(res: dict, command: str) -> str:
+    m = res["machine"]
+    rows = "\n".join(f"| {n} | {v['first_s']:.2f} | {v['warm_s']:.2f} |"
+                      for n, v in res["prune_per_block"].items())
+    kernels = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in res["block_kernels"].items())
+    llama = "\n".join(
+        f"| {n} | {v['layer_s']:.1f} | {v['model_s_projected'] / 60:.1f} | "
+        + ", ".join(f"{k} {t:.1f}" for k, t in v["per_kernel_s"].items()) + " |"
+        for n, v in res.get("llama_layer", {}).items())
+    return (f"{PRUNE_SECTION}\n\n`{command}`\n\n"
+            f"{res['device']} ({m['cpu']}, {m['cores']} cores), load average "
+            f"{m['load_average_start']:.1f} at the start and {m['load_average']:.1f} at the end "
+            "of the run (the machine is shared; figures scale with that load). Masks come from a "
+            "32-step binary search on order-preserving integer keys (no sort), equal to the "
+            "earlier double-argsort masks (tests/sparsity/test_pruner_masks.py).\n\n"
+            f"One GPT-2 `{res['preset']}` block ({kernels}; {res['batch']}x{res['seq']} "
+            "calibration tokens, statistics and the block's forward passes included), 50%:\n\n"
+            "| pruner | first call s (compile included) | warm s |\n|---|---:|---:|\n"
+            + rows + "\n\n"
+            "One Llama-7B-shaped layer (q/k/v/o 4096x4096, gate/up 4096x11008, down 11008x4096; "
+            "random weights, 512 random calibration rows, statistics included; one call per "
+            "kernel, "
+            "so the first kernel of each shape pays its compile), 50%, projected to 32 layers:"
+            "\n\n| pruner | layer s | 32 layers, min | per kernel s |\n|---|---:|---:|---|\n"
+            + llama + "\n")
+
+
+def run_prune_only() -> dict:
+    """Pruning times only: a GPT-2 block and the Llama-7B-shaped layer."""
+    load_start = os.getloadavg()[0]
+    model, cfg = get_model("gpt2", FLAGS.preset)
+    tokens = jax.random.randint(jax.random.key(0), (FLAGS.batch, FLAGS.seq), 0, cfg.vocab_size)
+    params = lj.transform._unbox(jax.jit(model.init)(jax.random.key(0), tokens)["params"])
+    res = {"preset": FLAGS.preset, "batch": FLAGS.batch, "seq": FLAGS.seq,
+           "device": jax.devices()[0].device_kind}
+    res["prune_per_block"], res["block_kernels"] = _prune_times(model, params, tokens,
+                                                                FLAGS.steps)
+    print(json.dumps(res["prune_per_block"]), flush=True)
+    del params
+    res["llama_layer"] = _llama_layer_prune_times(_LLAMA_PRUNERS.value)
+    res["machine"] = {**machine(), "load_average_start": load_start}
+    return res
+
+
 def run() -> dict:
     model, cfg = get_model("gpt2", FLAGS.preset)
     tokens = jax.random.randint(jax.random.key(0), (FLAGS.batch, FLAGS.seq), 0, cfg.vocab_size)
@@ -147,6 +229,13 @@ def markdown(res: dict, command: str) -> str:
 
 def main(argv):
     del argv
+    if _PRUNE_ONLY.value:
+        res = run_prune_only()
+        Path(FLAGS.out).write_text(json.dumps(res, indent=1))
+        if FLAGS.markdown:
+            command = " ".join(["python -m experiments.bench_losa"] + sys.argv[1:])
+            bench.write_section(Path("BENCHMARKS.md"), prune_markdown(res, command))
+        return
     res = run()
     Path(FLAGS.out).write_text(json.dumps(res, indent=1))
     print(json.dumps(res["ratios"], indent=1))

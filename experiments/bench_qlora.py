@@ -8,15 +8,15 @@ QLoRA quantises ('all-linear': every linear layer but the tied LM head) and for 
 (quantised rows keep the other parameters in bf16). Speed: one jitted training step (loss, grads
 w.r.t. the adapters only, AdamW) of LoRA on a bf16 base against QLoRA on an NF4 and an int8 base
 (compute in bf16, adapters r=8 on c_attn), the median of ``--steps`` calls after a compile call;
-plus the time to dequantise every quantised kernel once, alone, which is what QLoRA adds to each
-forward (and again in the backward pass). Results go to ``--out`` (JSON) and, with ``--markdown``,
-to the '## QLoRA' section of BENCHMARKS.md.
+plus the time to dequantise every quantised kernel once, alone, and the number of dequantising
+fusions per kernel in the compiled step (1 = each kernel dequantised once per step). Steps run in
+interleaved rounds (``--steps`` of them), medians and ranges are reported. Results go to ``--out``
+(JSON) and, with ``--markdown``, to the '## QLoRA' section of BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -26,7 +26,8 @@ import optax
 from absl import app, flags
 
 import lora_jax as lj
-from experiments.benchlib import time_fn, write_section
+from experiments.benchlib import (machine, ratio_per_round, summary, time_fn, time_interleaved,
+                                  write_section)
 from lora_jax import quant
 from lora_jax.models import get_model
 
@@ -34,7 +35,7 @@ _PRESET = flags.DEFINE_string("preset", "small", "GPT-2 preset (lora_jax.models.
 _BATCH = flags.DEFINE_integer("batch", 4, "Batch size.")
 _SEQ = flags.DEFINE_integer("seq", 128, "Sequence length.")
 _RANK = flags.DEFINE_integer("rank", 8, "LoRA rank (on the fused qkv kernels, c_attn).")
-_STEPS = flags.DEFINE_integer("steps", 5, "Timed calls per mode (after one compile call).")
+_STEPS = flags.DEFINE_integer("steps", 5, "Interleaved timed rounds (after one compile call).")
 _OUT = flags.DEFINE_string("out", "bench_qlora.json", "Where to write the JSON results.")
 _MARKDOWN = flags.DEFINE_bool("markdown", False, "Rewrite BENCHMARKS.md's '## QLoRA' section.")
 
@@ -89,6 +90,13 @@ def make_step(model, tx):
     return jax.jit(step, donate_argnums=(0, 1))
 
 
+def dequant_fusions(hlo: str, kind: str) -> int:
+    """Fused computations of compiled HLO text that read quantised codes (u8 NF4, s8 int8)."""
+    code = {"nf4": "u8[", "int8": "s8["}[kind]
+    return sum(1 for line in hlo.splitlines()
+               if line.startswith("%fused_computation") and code in line.split("->")[0])
+
+
 def run(preset: str, batch: int, seq: int, rank: int, steps: int) -> dict:
     model, cfg = get_model("gpt2", preset, dtype=jnp.bfloat16)
     tokens = jax.random.randint(jax.random.key(0), (batch, seq + 1), 0, cfg.vocab_size)
@@ -102,22 +110,31 @@ def run(preset: str, batch: int, seq: int, rank: int, steps: int) -> dict:
     for kind in ("nf4", "int8"):
         q = jax.jit(lambda p: lj.quantize_params(p, "all-linear", kind, layouts=layouts))(params)
         bases[f"qlora_{kind}"] = to_bf16(q)
+    n_kernels = len([x for x in jax.tree.leaves(bases["qlora_nf4"], is_leaf=quant.is_quantized)
+                     if quant.is_quantized(x)])
     del params
     spec = lj.LoraSpec(rank=rank, alpha=2.0 * rank, targets=(r".*/attn/c_attn/kernel",))
     tx = optax.adamw(1e-4)
     step = make_step(model, tx)
-    res["step_s"] = {}
+    fns, res["dequant_fusions_per_kernel"] = {}, {}
     for name, base in bases.items():
         adapters = lj.init_adapters(base, spec, jax.random.key(2), layouts=layouts)
-        opt_state = tx.init(adapters)
-        state = [adapters, opt_state]
+        state = [adapters, tx.init(adapters)]
+        if name != "lora_bf16":
+            hlo = step.lower(state[0], state[1], base, tokens).compile().as_text()
+            kind = name.split("_")[1]
+            res["dequant_fusions_per_kernel"][kind] = dequant_fusions(hlo, kind) / n_kernels
 
-        def call():
+        def call(state=state, base=base):
             state[0], state[1], loss = step(state[0], state[1], base, tokens)
             return loss
 
-        res["step_s"][name] = time_fn(call, steps=steps)
-        print(f"{name}: {res['step_s'][name]:.3f} s/step", flush=True)
+        fns[name] = call
+    times = time_interleaved(fns, steps)
+    res["step_rounds_s"] = times
+    res["step_s"] = {n: summary(t)["median"] for n, t in times.items()}
+    res["step_summary"] = {n: summary(t) for n, t in times.items()}
+    res["ratio_to_lora"] = {n: ratio_per_round(times, n, "lora_bf16") for n in times}
     for kind in ("nf4", "int8"):
         deq = jax.jit(lambda b: [quant.dequantize(x, jnp.bfloat16)
                                  for x in jax.tree.leaves(b, is_leaf=quant.is_quantized)
@@ -127,22 +144,25 @@ def run(preset: str, batch: int, seq: int, rank: int, steps: int) -> dict:
 
 
 def note(res: dict) -> str:
-    """What dominates the step, from the measured numbers."""
-    s, deq = res["step_s"], res["dequant_all_nf4_s"]
+    """What the compiled steps do, from the measured numbers."""
+    s, per = res["step_s"], res["dequant_fusions_per_kernel"]
     return (f"Both steps are mostly the frozen model's bf16 compute (forward, and the input "
-            f"gradients the adapters need), the same work in both. QLoRA adds dequantisation: each "
-            f"NF4 kernel is dequantised in the forward and again in the backward, about 2 × {deq:.3f}"
-            f" s of the {s['qlora_nf4'] - s['lora_bf16']:.3f} s difference; this benchmark does not "
-            f"attribute the rest (machine noise, or dequantised copies XLA keeps for the backward).")
+            f"gradients the adapters need), the same work in both. The compiled QLoRA steps hold "
+            f"{per['nf4']:.2f} (NF4) and {per['int8']:.2f} (int8) dequantising fusions per "
+            f"quantised kernel: XLA computes each dense kernel once and keeps it for the backward "
+            f"(no remat here). Dequantising all kernels once costs "
+            f"{res['dequant_all_nf4_s']:.3f} s (NF4) of the "
+            f"{s['qlora_nf4'] - s['lora_bf16']:+.3f} s step difference.")
 
 
 def markdown(res: dict, command: str) -> str:
-    b, s = res["bytes"], res["step_s"]
+    b, s = res["bytes"], res["step_summary"]
+    m = res.get("machine", {})
     lines = [
         SECTION, "",
         f"GPT-2 `{res['preset']}` shape ({b['n_params'] / 1e6:.1f}M parameters, of which "
-        f"{b['n_linear_params'] / 1e6:.1f}M in the 'all-linear' kernels), on `{res['device']}`. "
-        f"Produced by `{command}`.", "",
+        f"{b['n_linear_params'] / 1e6:.1f}M in the 'all-linear' kernels), on `{res['device']}` "
+        f"({m.get('cpu', '?')}, {m.get('cores', '?')} cores). Produced by `{command}`.", "",
         "| base weights | all-linear kernels (MiB) | × fp32 | whole base (MiB) | × fp32 |",
         "|---|---|---|---|---|",
     ]
@@ -155,19 +175,24 @@ def markdown(res: dict, command: str) -> str:
         "", "Quantised rows keep the embeddings, position table and norms in bf16; the tied LM head "
         "(`wte`) is not quantised.", "",
         f"Training step, batch {res['batch']}×{res['seq']}, LoRA r={res['rank']} on `c_attn`, "
-        f"compute in bf16, median of {res['steps']} steps after compile:", "",
-        "| base | s / step | × LoRA on bf16 |", "|---|---|---|",
+        f"compute in bf16; {res['steps']} interleaved rounds after compile (each round runs every "
+        "base once), median and range; the ratio is taken round by round:", "",
+        "| base | s / step (median) | range | × LoRA on bf16 (median) | ratio range |",
+        "|---|---|---|---|---|",
     ]
-    ref = s["lora_bf16"]
     for name, label in (("lora_bf16", "LoRA, bf16 base"), ("qlora_nf4", "QLoRA, NF4 base"),
                         ("qlora_int8", "QLoRA, int8 base")):
-        lines.append(f"| {label} | {s[name]:.3f} | {s[name] / ref:.2f} |")
+        r = res["ratio_to_lora"][name]
+        t = s[name]
+        lines.append(f"| {label} | {t['median']:.3f} | {t['min']:.3f}–{t['max']:.3f} | "
+                     f"{r['median']:.3f} | {r['min']:.3f}–{r['max']:.3f} |")
     lines += [
         "", f"Dequantising every quantised kernel once, alone: NF4 "
         f"{res['dequant_all_nf4_s']:.3f} s, int8 {res['dequant_all_int8_s']:.3f} s. "
         f"{res.get('note', '')}", "",
-        f"Load average on the machine at the end of the run: {res.get('load_average', 0):.1f} "
-        "(a shared 2-core CPU: differences under ~10% between rows are within its noise).", ""]
+        f"Load average (1 min) at the end of the run: {m.get('load_average', 0):.1f} on "
+        f"{m.get('cores', '?')} cores, shared with other people's jobs; the interleaving puts "
+        "that load on every row alike, the range columns show what is left of it.", ""]
     return "\n".join(lines)
 
 
@@ -175,7 +200,7 @@ def main(argv):
     del argv
     res = run(_PRESET.value, _BATCH.value, _SEQ.value, _RANK.value, _STEPS.value)
     res["note"] = note(res)
-    res["load_average"] = os.getloadavg()[0]
+    res["machine"] = machine()
     Path(_OUT.value).write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
     if _MARKDOWN.value:

@@ -1,10 +1,14 @@
-"""What every benchmark script shares: median timing, XLA's peak-memory figure, and rewriting one
-section of BENCHMARKS.md. No flags here (the scripts define their own)."""
+"""What every benchmark script shares: median timing, interleaved rounds, the machine and its load,
+XLA's peak-memory figure, and rewriting one section of BENCHMARKS.md. No flags here (the scripts
+define their own)."""
 
 from __future__ import annotations
 
+import os
+import platform
 import re
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -20,6 +24,47 @@ def time_fn(fn, *args, steps: int) -> float:
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def time_interleaved(fns: dict, rounds: int) -> dict:
+    """Wall seconds of each ``fns[name]()`` over ``rounds`` interleaved rounds.
+
+    Each function is called once first (compile, warm-up); then every round calls each function
+    once, in the given order, so a change in the machine's load hits every entry alike.
+    Returns ``{name: [seconds per round]}``.
+    """
+    for fn in fns.values():
+        jax.block_until_ready(fn())
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def summary(times: list[float]) -> dict:
+    """Median, min and max of a list of seconds."""
+    return {"median": statistics.median(times), "min": min(times), "max": max(times),
+            "n": len(times)}
+
+
+def ratio_per_round(times: dict, name: str, ref: str) -> dict:
+    """``summary`` of the round-by-round ratio ``times[name][i] / times[ref][i]``."""
+    return summary([a / b for a, b in zip(times[name], times[ref])])
+
+
+def machine() -> dict:
+    """CPU model, core count and the 1-minute load average now (call it at the end of a run)."""
+    model = platform.processor() or "unknown"
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        model = next((l.split(":", 1)[1].strip() for l in out.splitlines()
+                      if l.startswith("Model name")), model)
+    except OSError:
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "load_average": os.getloadavg()[0]}
 
 
 def peak_mib(jitted, *args) -> float:

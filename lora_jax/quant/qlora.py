@@ -95,7 +95,7 @@ def quantize_params(
     layouts: Mapping[str, layers.Layout] | None = None,
     exclude: Sequence[str] = (),
     block_size: int = 64,
-    double_quant: bool = True,
+    double_quant: bool | str = True,
 ) -> dict[str, Any]:
     """Returns `params` with the kernels `targets` selects replaced by quantised leaves.
 
@@ -108,7 +108,8 @@ def quantize_params(
         scanned stacks). Trace BEFORE quantising, or after: `trace_layouts` accepts both.
       exclude: regexes of paths never quantised.
       block_size: NF4 block (64 in QLoRA); see `choose_blocking` for kernels it does not divide.
-      double_quant: NF4 only: store the block absmax as int8 (QLoRA's double quantisation).
+      double_quant: NF4 only: 'dynamic' (bitsandbytes' double quantisation of the block absmax,
+        also True), 'linear' (int8) or False (float32 absmax); see `nf4.nf4_quantize`.
     Returns:
       The same tree; each selected kernel (*stack, *per-layer shape) is an NF4Array/Int8Array
       with the kernel's axes (stacked axes leading), so it shards and scans like the kernel.
@@ -145,6 +146,13 @@ def dequantize_params(params: Mapping[str, Any], dtype=None) -> dict[str, Any]:
                         dict(params), is_leaf=_is_quantized)
 
 
+def _dq_of(q: NF4Array) -> str | bool:
+    """The `double_quant` argument that made q: its absmax dtype tells."""
+    if q.absmax_scale is None:
+        return False
+    return "dynamic" if q.absmax.dtype == jnp.uint8 else "linear"
+
+
 def requantize(q: NF4Array | Int8Array, w: jax.Array) -> NF4Array | Int8Array:
     """Quantises w (shape `q.shape`) exactly as `q` was quantised: same kind, axis and blocks."""
     if tuple(w.shape) != q.shape:
@@ -155,7 +163,7 @@ def requantize(q: NF4Array | Int8Array, w: jax.Array) -> NF4Array | Int8Array:
                              block_size=q.block_size)
     n_stack = 0 if q.absmax_mean is None else q.absmax_mean.ndim
     return nf4_quantize(w, n_stack=n_stack, in_axis=w.ndim + q.axis - n_stack,
-                        block_size=q.block_size, double_quant=q.absmax_scale is not None,
+                        block_size=q.block_size, double_quant=_dq_of(q),
                         dq_block_size=q.dq_block_size)
 
 

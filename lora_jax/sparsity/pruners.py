@@ -5,10 +5,12 @@ Every pruner takes a Flax kernel ``w`` of shape ``(d_in, d_out)`` (``y = x @ w``
 has exactly the requested number of ``False`` entries; entries of ``w`` that are already zero are
 pruned first (they count towards the sparsity; if there are more of them than the budget, the
 extras stay zero at positions the mask calls kept). Patterns: ``None`` (unstructured) or ``(n, m)``
-(N:M: in every group of ``m`` consecutive input features, each output feature keeps ``n``).
-Calibration statistics (``CalibStats``) are accumulated batch by batch from a layer's inputs.
-What does not live here: walking a model to collect inputs, per-layer sparsity allocation (see
-``losa.py``), and anything stateful.
+(N:M: in every group of ``m`` consecutive input features, each output feature keeps ``n``). The
+lowest scores are found without sorting: a 32-step binary search for the k-th smallest order-
+preserving integer key, ties going to the lower index, which is exactly the mask of a stable double
+argsort (tests/sparsity/test_pruner_masks.py). Calibration statistics (``CalibStats``) are
+accumulated batch by batch from a layer's inputs. What does not live here: walking a model to
+collect inputs, per-layer sparsity allocation (see ``losa.py``), and anything stateful.
 """
 
 from __future__ import annotations
@@ -122,25 +124,80 @@ def _zeros_first(score: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.where(w == 0, -jnp.inf, score)
 
 
+def _order_key(score: jax.Array) -> jax.Array:
+    """uint32 keys (same shape) whose unsigned order is the float order of ``score``.
+
+    Scores are compared as float32 (bf16/f16 widen exactly); -0.0 is folded into +0.0 so equal
+    scores get equal keys. Negative floats have their magnitude bits flipped, then the sign bit is
+    inverted, the usual radix-sort mapping.
+    """
+    s = jnp.where(score == 0, 0.0, score.astype(jnp.float32))
+    bits = jax.lax.bitcast_convert_type(s, jnp.uint32)
+    negative = bits >= jnp.uint32(0x80000000)
+    return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _kth_smallest_key(key: jax.Array, k: int | jax.Array, axis: int | None) -> jax.Array:
+    """Smallest t with ``count(key <= t) >= k`` (along ``axis``, or over all of key if None).
+
+    A 32-step binary search over the uint32 range: each step one compare-and-count pass, so the
+    cost is O(32 * size) with no sort. With k = 0 it returns 0.
+    """
+    shape = () if axis is None else key.shape[:axis] + key.shape[axis + 1:]
+    lo = jnp.zeros(shape, jnp.uint32)
+    hi = jnp.full(shape, 0xFFFFFFFF, jnp.uint32)
+    expand = (lambda v: v) if axis is None else (lambda v: jnp.expand_dims(v, axis))
+
+    def step(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        enough = jnp.sum(key <= expand(mid), axis=axis) >= k
+        return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+    lo, _ = jax.lax.fori_loop(0, 32, step, (lo, hi))
+    return lo
+
+
+def _pruned_below_kth(key: jax.Array, k: int | jax.Array, axis: int | None) -> jax.Array:
+    """Bool, True at the ``k`` lowest keys (along ``axis`` or over all); ties: lower index first.
+
+    Equal to ``argsort(argsort(key, stable=True)) < k``: every key under the k-th smallest
+    value ``t``, then the first ``k - count(key < t)`` entries equal to ``t`` in index order.
+    """
+    t = _kth_smallest_key(key, k, axis)
+    t = t if axis is None else jnp.expand_dims(t, axis)
+    below = key < t
+    ties = key == t
+    need = k - jnp.sum(below, axis=axis, keepdims=axis is not None)
+    flat = axis is None
+    tie_rank = jnp.cumsum(ties.reshape(-1) if flat else ties, axis=0 if flat else axis)
+    return below | (ties & (tie_rank.reshape(key.shape) <= need))
+
+
 def _mask_lowest(score: jax.Array, k: int | jax.Array) -> jax.Array:
     """Keep-mask of score (any shape, flattened): False at the ``k`` lowest (ties: low index)."""
-    flat = score.reshape(-1)
-    ranks = jnp.argsort(jnp.argsort(flat, stable=True))
-    return (ranks >= k).reshape(score.shape)
+    return ~_pruned_below_kth(_order_key(score), k, None)
 
 
 def _mask_lowest_per_column(score: jax.Array, k: int | jax.Array) -> jax.Array:
     """Keep-mask of score (d, c): in each column, False at the ``k`` lowest entries."""
-    ranks = jnp.argsort(jnp.argsort(score, axis=0, stable=True), axis=0)
-    return ranks >= k
+    return ~_pruned_below_kth(_order_key(score), k, 0)
 
 
 def _mask_nm(score: jax.Array, n: int, m: int) -> jax.Array:
-    """Keep-mask of score (d_in, d_out): per output, keep the ``n`` best of each ``m`` inputs."""
+    """Keep-mask of score (d_in, d_out): per output, keep the ``n`` best of each ``m`` inputs.
+
+    An entry's rank in its group is the number of entries below it, ties counted for the lower
+    index (a stable sort's rank), from ``m`` compare passes; it is kept when rank >= m - n.
+    """
     d_in, d_out = score.shape
-    grouped = score.reshape(d_in // m, m, d_out)
-    ranks = jnp.argsort(jnp.argsort(grouped, axis=1, stable=True), axis=1)
-    return (ranks >= m - n).reshape(d_in, d_out)
+    key = _order_key(score).reshape(d_in // m, m, d_out)
+    idx = jnp.arange(m)[None, :, None]
+    rank = jnp.zeros(key.shape, jnp.int32)
+    for j in range(m):
+        other = key[:, j:j + 1]
+        rank += (other < key) | ((other == key) & (j < idx))
+    return (rank >= m - n).reshape(d_in, d_out)
 
 
 @functools.partial(jax.jit, static_argnames=("pattern", "per_column"))

@@ -64,13 +64,26 @@ def test_nf4_error_below_uniform_4bit_grid_on_gaussian_weights():
 def test_double_quant_reconstructs_absmax():
     w = gaussian((1024, 512))
     exact = nf4_quantize(w, double_quant=False).absmax
-    q = nf4_quantize(w)
+    q = nf4_quantize(w, double_quant="linear")
     assert q.absmax.dtype == jnp.int8 and q.absmax_scale.shape == (16, 2) and q.absmax_mean.shape == ()
     approx = nf4_absmax(q)
     rel = jnp.abs(approx - exact) / exact
     assert float(jnp.max(rel)) < 1e-2 and float(jnp.mean(rel)) < 2e-3  # measured 4.2e-3 and 1.2e-3
-    step = jnp.repeat(q.absmax_scale, 256, axis=-1)
+    step = jnp.repeat(q.absmax_scale, 256, axis=-1) / 127
     assert bool(jnp.all(jnp.abs(approx - exact) <= step / 2 * (1 + 1e-4) + 1e-9))
+
+
+def test_dynamic_double_quant_is_the_default_and_reconstructs_absmax():
+    w = gaussian((1024, 512))
+    exact = nf4_quantize(w, double_quant=False).absmax
+    q = nf4_quantize(w)
+    assert q.absmax.dtype == jnp.uint8 and q.absmax_scale.shape == (16, 2)
+    for same in (nf4_quantize(w, double_quant=True), nf4_quantize(w, double_quant="dynamic")):
+        np.testing.assert_array_equal(same.absmax, q.absmax)
+    rel = jnp.abs(nf4_absmax(q) - exact) / exact
+    assert float(jnp.max(rel)) < 1e-2 and float(jnp.mean(rel)) < 2.5e-3  # measured 7.1e-3, 1.6e-3
+    with pytest.raises(ValueError, match="double_quant='int4'"):
+        nf4_quantize(w, double_quant="int4")
 
 
 def test_layout_keeps_kernel_axes():
