@@ -124,7 +124,7 @@ class QuantConfig:
     targets: str = "all-linear"  # kernels to quantise: preset or comma-separated regexes
     exclude: str = ""  # regexes of kernels never quantised
     block_size: int = 64  # NF4 block (QLoRA: 64); see lora_jax.quant.choose_blocking
-    double_quant: bool = True  # NF4: int8 block constants (QLoRA's double quantisation)
+    double_quant: bool = True  # NF4: 8-bit block constants, bitsandbytes' dynamic code (False: fp32)
 
 
 @dataclasses.dataclass(frozen=True)
