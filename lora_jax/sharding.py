@@ -36,13 +36,22 @@ PRESET_SIZES = {
     "fsdp_tp": {"data": 1, "fsdp": -1, "tensor": 2},
 }
 
-# Logical name -> mesh axis (or None: replicated). The one place sharding policy lives.
+# Logical name -> rule. A fixed rule is a mesh axis, a tuple of mesh axes (the dimension split
+# over their product) or None (replicated); it is always applied, and a dimension it does not
+# divide is an error. A list is ordered candidates (MaxText's logical_axis_rules), tried after the
+# fixed rules of the same array in dimension order: the first candidate whose axes are unused in
+# the array and divide the dimension wins, else the dimension is replicated. The candidates shard
+# what a fixed rule leaves whole: B of q/k/v/gate/up ('heads', 'kv', 'mlp'), A of o/down, the
+# vocabulary factors, and their optimizer moments. The one place sharding policy lives.
+_FSDP_FALLBACK = ["fsdp"]
 RULES = {
     "dp": {name: None for name in LOGICAL_NAMES},
-    "fsdp": {"embed": "fsdp", "heads": None, "kv": None, "kv_heads": None, "mlp": None,
-             "vocab": None, "layers": None},
-    "fsdp_tp": {"embed": "fsdp", "heads": "tensor", "kv": None, "kv_heads": "tensor",
-                "mlp": "tensor", "vocab": "tensor", "layers": None},
+    "fsdp": {"embed": "fsdp", "heads": _FSDP_FALLBACK, "kv": _FSDP_FALLBACK,
+             "kv_heads": _FSDP_FALLBACK, "mlp": _FSDP_FALLBACK, "vocab": _FSDP_FALLBACK,
+             "layers": None},
+    "fsdp_tp": {"embed": "fsdp", "heads": ["tensor", "fsdp"], "kv": _FSDP_FALLBACK,
+                "kv_heads": ["tensor", "fsdp"], "mlp": ["tensor", "fsdp"],
+                "vocab": ["tensor", "fsdp"], "layers": None},
 }
 
 
@@ -105,37 +114,70 @@ def abstract_mesh(mc, n_devices: int) -> jax.sharding.AbstractMesh:
 
 
 def logical_rules(mc) -> dict[str, Any]:
-    """The preset's rules with ``mc.rules`` overrides ('mlp=tensor,vocab=none') applied."""
+    """The preset's rules with ``mc.rules`` overrides applied.
+
+    ``'mlp=tensor,vocab=none'`` sets fixed rules; ``'fsdp+tensor'`` splits over both axes' product;
+    ``'mlp=tensor|fsdp'`` sets ordered candidates (see ``RULES``).
+    """
     table = dict(RULES[_preset(mc.preset)])
     for item in filter(None, (s.strip() for s in getattr(mc, "rules", "").split(","))):
-        name, sep, axis = (s.strip() for s in item.partition("="))
+        name, sep, value = (s.strip() for s in item.partition("="))
         if not sep or name not in table:
             raise ValueError(f"mesh rule {item!r}: expected name=axis with name in {sorted(table)}")
-        axes = tuple(a for a in axis.split("+") if a.lower() != "none")
-        unknown = [a for a in axes if a not in MESH_AXES]
-        if unknown:
-            raise ValueError(f"mesh rule {item!r}: unknown mesh axis {unknown}; use {MESH_AXES}")
-        table[name] = None if not axes else axes[0] if len(axes) == 1 else axes
+        options = []
+        for option in value.split("|"):
+            axes = tuple(a for a in option.split("+") if a.lower() != "none")
+            unknown = [a for a in axes if a not in MESH_AXES]
+            if unknown:
+                raise ValueError(f"mesh rule {item!r}: unknown mesh axis {unknown}; use "
+                                 f"{MESH_AXES}")
+            options.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+        table[name] = options if "|" in value else options[0]
     return table
 
 
-def to_mesh_spec(logical: Sequence[str | None], rules: Mapping[str, Any], where: str = "") -> P:
-    """Logical names -> mesh ``PartitionSpec``; ``('embed', 'mlp')`` -> ``P('fsdp', None)``."""
-    out, used = [], []
+def _axes(rule) -> tuple[str, ...]:
+    return (rule,) if isinstance(rule, str) else tuple(rule or ())
+
+
+def to_mesh_spec(logical: Sequence[str | None], rules: Mapping[str, Any], where: str = "",
+                 shape: Sequence[int] | None = None, mesh_sizes: Mapping[str, int] | None = None
+                 ) -> P:
+    """Logical names -> mesh ``PartitionSpec``; ``('embed', 'mlp')`` -> ``P('fsdp', None)``.
+
+    Fixed rules first, then candidate lists in dimension order (``RULES``). With ``shape`` and
+    ``mesh_sizes`` a candidate must divide its dimension; without them the first unused one wins.
+    """
+    where = where or "parameter"
+    out, used = [None] * len(logical), set()
     for name in logical:
-        if name is None:
-            out.append(None)
-            continue
-        if name not in rules:
-            raise ValueError(f"{where or 'parameter'}: logical axis {name!r} has no rule; "
+        if name is not None and name not in rules:
+            raise ValueError(f"{where}: logical axis {name!r} has no rule; "
                              f"known: {sorted(rules)}. Add it to the rules (MeshConfig.rules)")
-        axis = rules[name]
-        for a in (axis,) if isinstance(axis, str) else (axis or ()):
+    for i, name in enumerate(logical):
+        rule = None if name is None else rules[name]
+        if isinstance(rule, list):
+            continue
+        for a in _axes(rule):
             if a in used:
-                raise ValueError(f"{where or 'parameter'}: mesh axis {a!r} would shard two "
+                raise ValueError(f"{where}: mesh axis {a!r} would shard two "
                                  f"dimensions of {tuple(logical)}; fix the rules")
-            used.append(a)
-        out.append(axis)
+            used.add(a)
+        out[i] = rule
+    for i, name in enumerate(logical):
+        rule = None if name is None else rules[name]
+        if not isinstance(rule, list):
+            continue
+        for option in rule:
+            axes = _axes(option)
+            if not axes or used & set(axes):
+                continue
+            if shape is not None and mesh_sizes is not None \
+                    and shape[i] % math.prod(mesh_sizes[a] for a in axes):
+                continue
+            out[i] = option
+            used |= set(axes)
+            break
     return P(*out)
 
 
@@ -243,7 +285,8 @@ def shardings(logical_tree, mesh, rules: Mapping[str, Any], like=None):
     of the same structure) every sharded dimension is checked to divide evenly."""
     def one(path, names, x=None):
         where = jax.tree_util.keystr(path)
-        spec = to_mesh_spec(names, rules, where)
+        spec = to_mesh_spec(names, rules, where, None if x is None else np.shape(x),
+                            dict(mesh.shape))
         if x is not None:
             for dim, axis in zip(np.shape(x), spec):
                 size = math.prod(mesh.shape[a] for a in ((axis,) if isinstance(axis, str)
@@ -289,6 +332,42 @@ def opt_state_shardings(tx, params, param_shardings, mesh):
     return jax.tree_util.tree_map_with_path(one, abstract)
 
 
+def _is_replicated(s) -> bool:
+    return all(_axes(a) == () for a in s.spec)
+
+
+def replicated_leaves(shardings_tree, shapes_tree, threshold_bytes: int = 2**20
+                      ) -> dict[str, int]:
+    """``{path: bytes}`` of every fully replicated leaf larger than ``threshold_bytes``.
+
+    ``shapes_tree`` mirrors ``shardings_tree`` (arrays or ``ShapeDtypeStruct``s). Nothing is
+    reported on a mesh whose weight axes ('fsdp', 'tensor') have size 1 (``dp``: replication is
+    the point).
+    """
+    flat_s, _ = jax.tree_util.tree_flatten_with_path(shardings_tree)
+    if not flat_s or math.prod(flat_s[0][1].mesh.shape.get(a, 1) for a in ("fsdp", "tensor")) == 1:
+        return {}
+    out = {}
+    for (path, s), x in zip(flat_s, jax.tree.leaves(shapes_tree)):
+        nbytes = math.prod(np.shape(x)) * np.dtype(x.dtype).itemsize
+        if _is_replicated(s) and nbytes > threshold_bytes:
+            out[jax.tree_util.keystr(path)] = nbytes
+    return out
+
+
+def check_sharded(shardings_tree, shapes_tree, threshold_bytes: int = 2**20) -> None:
+    """Raises naming every fully replicated leaf over ``threshold_bytes`` (as MaxText's
+    ``assert_params_sufficiently_sharded``); call it at setup on params, adapters and optimizer
+    state. The fix is a rule (``MeshConfig.rules``, candidates ``'mlp=tensor|fsdp'``) or a mesh
+    whose axes divide the leaf's dimensions."""
+    bad = replicated_leaves(shardings_tree, shapes_tree, threshold_bytes)
+    if bad:
+        listed = ", ".join(f"{p} ({n / 2**20:.1f} MiB)" for p, n in sorted(bad.items()))
+        raise ValueError(f"{len(bad)} leaves are fully replicated on every device although the "
+                         f"mesh shards weights: {listed}. Add a rule or candidate for their "
+                         "logical axes (MeshConfig.rules) or raise the threshold")
+
+
 def batch_sharding(mesh) -> NamedSharding:
     """The batch's leading axis over ``DATA_AXES``; other axes unsharded."""
     return NamedSharding(mesh, P(DATA_AXES))
@@ -305,9 +384,13 @@ def check_batch(batch_size: int, mesh, what: str = "train.batch_size") -> None:
 
 
 def put(tree, shardings_tree):
-    """Places a tree that every process holds in full (same values) on the mesh."""
+    """Places a tree that every process holds in full (same values) on the mesh.
+
+    The result never aliases the caller's arrays (``may_alias=False``): a donating step may then
+    delete what ``put`` returns and the caller's tree stays usable.
+    """
     if jax.process_count() == 1:
-        return jax.device_put(tree, shardings_tree)
+        return jax.device_put(tree, shardings_tree, may_alias=False)
 
     def one(x, s):
         host = np.asarray(x)
