@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -23,6 +24,7 @@ from flax import linen as nn
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from lora_jax import rules as rules_lib
+from lora_jax import transform
 from lora_jax.methods import Adapter, is_adapter
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -184,11 +186,64 @@ def to_mesh_spec(logical: Sequence[str | None], rules: Mapping[str, Any], where:
 # ----------------------------------------------------------------------------- logical specs
 
 
-def param_logical_specs(model: nn.Module, *example, **kwargs) -> dict[str, tuple]:
-    """``{path: logical names}`` of every parameter, from an abstract ``model.init`` (no memory)."""
+UNNAMED = ("warn", "raise", "largest")
+
+
+def param_logical_specs(model: nn.Module, *example, mesh=None, rules=None, unnamed: str = "warn",
+                        **kwargs) -> dict[str, tuple]:
+    """``{path: logical names}`` of every parameter, from an abstract ``model.init`` (no memory).
+
+    With ``mesh`` and ``rules`` of a weight-sharding preset, parameters without logical names
+    (a plain ``nn.Dense``) are handled by ``unnamed``: ``'warn'`` lists them with their bytes,
+    ``'raise'`` fails, ``'largest'`` shards them over the 'embed' rule's axes along their largest
+    dimension that divides (see ``name_unnamed``).
+    """
     abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), *example, **kwargs))
     specs = nn.get_partition_spec(abstract)["params"]
-    return {path: tuple(spec) for path, spec in rules_lib.flatten(specs).items()}
+    specs = {path: tuple(spec) for path, spec in rules_lib.flatten(specs).items()}
+    if mesh is None:
+        return specs
+    shapes = rules_lib.flatten(nn.meta.unbox(abstract)["params"])
+    return name_unnamed(specs, shapes, mesh, rules, unnamed)
+
+
+def name_unnamed(specs: Mapping[str, tuple], shapes: Mapping[str, Any], mesh, rules,
+                 policy: str = "warn") -> dict[str, tuple]:
+    """``specs`` with every parameter that has no logical names dealt with by ``policy``.
+
+    Only on a mesh whose 'embed' rule shards (fsdp, fsdp_tp): there a nameless parameter would be
+    silently replicated. ``'largest'`` names the largest dimension that the 'embed' rule's axes
+    divide 'embed' (so its adapters and optimizer state follow), e.g. a ``(512, 2048)`` Dense
+    kernel on 8 fsdp devices -> ``(None, 'embed')``; parameters with no such dimension stay
+    replicated and are warned about.
+    """
+    if policy not in UNNAMED:
+        raise ValueError(f"unnamed={policy!r}; choose one of {UNNAMED}")
+    embed = rules.get("embed") if rules else None
+    options = embed if isinstance(embed, list) else [embed]
+    sizes = [math.prod(mesh.shape[a] for a in _axes(o)) for o in options if _axes(o)]
+    if not sizes or max(sizes) == 1:
+        return dict(specs)
+    out, left = dict(specs), {}
+    for path, names in specs.items():
+        if names:
+            continue
+        shape = np.shape(shapes[path])
+        if policy == "largest":
+            fits = [i for i in np.argsort(shape)[::-1] if shape[i] % min(sizes) == 0]
+            if fits:
+                out[path] = tuple("embed" if i == fits[0] else None for i in range(len(shape)))
+                continue
+        left[path] = math.prod(shape) * np.dtype(shapes[path].dtype).itemsize
+    if left:
+        listed = ", ".join(f"{p} ({n:,} B)" for p, n in sorted(left.items()))
+        msg = (f"{len(left)} parameters have no logical axis names and are replicated on every "
+               f"device ({sum(left.values()):,} B in all): {listed}. Name their axes "
+               "(nn.with_logical_partitioning) or pass unnamed='largest'")
+        if policy == "raise":
+            raise ValueError(msg)
+        warnings.warn(msg, stacklevel=2)
+    return out
 
 
 # Per leaf of an adapter: tokens 'stack', 'in', 'out', 'kernel' (the kernel's own axes), None
@@ -397,6 +452,30 @@ def put(tree, shardings_tree):
         return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
 
     return jax.tree.map(one, tree, shardings_tree)
+
+
+def init_sharded(model: nn.Module, example, mesh, rules, seed: int = 0, *, unnamed="warn"):
+    """The model's params (unboxed, nested dict) created directly in their shards.
+
+    Shardings come from ``jax.eval_shape`` first; then ``jax.jit(init, out_shardings=...)`` writes
+    each device's shard on that device, so no device (or host) ever holds a whole weight. Same
+    values as ``model.init(jax.random.key(seed), example)['params']`` on one device.
+    """
+    specs = param_logical_specs(model, example, mesh=mesh, rules=rules, unnamed=unnamed)
+    init = lambda k: nn.meta.unbox(model.init(k, example)["params"])
+    shapes = jax.eval_shape(init, jax.random.key(seed))
+    out = base_shardings(specs, mesh, rules, shapes)
+    return jax.jit(init, out_shardings=out)(jax.random.key(seed))
+
+
+def init_adapters_sharded(params, spec, key, param_specs, mesh, rules, *, layouts=None):
+    """``lj.init_adapters(params, spec, key, layouts=layouts)`` with every adapter leaf created in
+    its shard (``jax.jit(..., out_shardings=...)``); ``params`` may be sharded arrays. Returns
+    ``(adapters, shardings)``."""
+    init = lambda p, k: transform.init_adapters(p, spec, k, layouts=layouts)
+    shapes = jax.eval_shape(init, params, key)
+    out = shardings(logical_specs(shapes, param_specs), mesh, rules, shapes)
+    return jax.jit(init, out_shardings=out)(params, key), out
 
 
 def shard_batch(local_batch: Mapping[str, np.ndarray], mesh) -> dict[str, jax.Array]:
