@@ -12,6 +12,7 @@ Importing this package has no side effects.
 """
 
 from lora_jax import methods, nnx
+from lora_jax import sharding
 from lora_jax.layers import Layout
 from lora_jax.methods import Adapter, Ctx, Method
 from lora_jax.optim import adapter_labels, adapter_optimizer
@@ -35,7 +36,7 @@ from lora_jax.transform import (
 )
 
 __all__ = [
-    "Adapter", "Ctx", "Layout", "LoraSpec", "Method", "methods", "regularizer", "transform_base",
+    "Adapter", "Ctx", "Layout", "sharding", "LoraSpec", "Method", "methods", "regularizer", "transform_base",
     "with_params", "PRESETS", "Rule", "adapter_labels",
     "adapter_optimizer", "apply", "count_params", "init_adapters", "join", "materialized",
     "merge", "nnx", "select_targets", "split", "summary", "trace_layouts", "unmerge",
