@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import warnings
 from typing import Any, Mapping, Sequence
 
@@ -23,6 +24,7 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from lora_jax import distributed
 from lora_jax import rules as rules_lib
 from lora_jax import transform
 from lora_jax.methods import Adapter, is_adapter
@@ -518,6 +520,49 @@ def batch_sharded(forward, mesh):
             return forward(trainable, frozen, inputs, *args, **kwargs)
 
     return wrapped
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def gather_for_export(trainable, frozen):
+    """``(trainable, frozen)`` ready for an adapter export on process 0: the trainable tree and
+    ``frozen['state']`` gathered (fully replicated, readable by host code on any process), the
+    frozen base ``frozen['params']`` passed through in its shards, never gathered. Every process
+    must call it (it runs collectives)."""
+    base = {"params": frozen["params"]} if "params" in frozen else {}
+    rest = {k: v for k, v in frozen.items() if k != "params"}
+    trainable, rest = distributed.gather((trainable, rest))
+    return trainable, {**rest, **base}
+
+
+def merge_sharded(params, adapters, base_sharding_tree, **kwargs):
+    """``lj.merge(params, adapters)`` under ``jax.jit`` with the merged kernels sharded like the
+    base (``base_sharding_tree``, e.g. ``TrainShardings.frozen['params']``): no device ever holds
+    a whole merged kernel. ``kwargs`` go to ``lj.merge`` (``task=``)."""
+    merge = lambda p, a: transform.merge(p, a, **kwargs)
+    return jax.jit(merge, out_shardings=base_sharding_tree)(params, adapters)
+
+
+def save_sharded(path, tree) -> None:
+    """Writes a tree of sharded arrays with orbax: each process writes its own shards (no
+    gather). Every process calls it with the same absolute ``path``; read it back with
+    ``load_sharded``."""
+    import orbax.checkpoint as ocp  # noqa: PLC0415 (orbax is slow to import; only here)
+
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.abspath(path), tree)
+
+
+def load_sharded(path, like):
+    """The tree ``save_sharded`` wrote, placed as ``like`` (arrays or ``ShapeDtypeStruct``s
+    with shardings) says: each process reads only its shards."""
+    import orbax.checkpoint as ocp  # noqa: PLC0415
+
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            like)
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(os.path.abspath(path), abstract)
 
 
 @dataclasses.dataclass(frozen=True)

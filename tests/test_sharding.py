@@ -373,3 +373,27 @@ def test_init_sharded_is_born_in_its_shards_and_equals_one_device_init():
     want = lj.init_adapters(params, spec, jax.random.key(1), layouts=layouts)
     jax.tree.map(close, adapters, want)
     assert all(jax.tree.leaves(jax.tree.map(lambda a, s: a.sharding == s, adapters, sh)))
+
+
+def test_export_gathers_adapters_only_and_merges_in_shards(tmp_path):
+    model, example, params, layouts = _tiny("llama", scan=True)
+    mesh, rules = sharding.make_mesh(MeshConfig(preset="fsdp")), sharding.RULES["fsdp"]
+    specs = sharding.param_logical_specs(model, example)
+    adapters = _adapters(params, layouts, "dora")
+    trainable, state = lj.split(adapters)
+    tx = optax.sgd(0.1)
+    sh = sharding.train_shardings(mesh, rules, specs, trainable, {"params": params,
+                                                                  "state": state}, tx)
+    t, f = sharding.put((trainable, {"params": params, "state": state}), (sh.trainable, sh.frozen))
+    got_t, got_f = sharding.gather_for_export(t, f)
+    assert got_f["params"] is f["params"]  # the base is passed through, in its shards
+    merged = sharding.merge_sharded(f["params"], lj.join(t, f["state"]), sh.frozen["params"])
+    want = lj.merge(params, adapters)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), merged,
+                 want)
+    assert all(jax.tree.leaves(jax.tree.map(lambda a, s: a.sharding == s, merged,
+                                            sh.frozen["params"])))
+    sharding.save_sharded(tmp_path / "merged", merged)
+    back = sharding.load_sharded(tmp_path / "merged", merged)
+    jax.tree.map(np.testing.assert_array_equal, back, merged)
+    assert all(jax.tree.leaves(jax.tree.map(lambda a, b: a.sharding == b.sharding, back, merged)))
