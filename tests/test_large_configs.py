@@ -12,6 +12,8 @@ import importlib
 import json
 import math
 import os
+import re
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -65,6 +67,13 @@ def lower_train_step(name: str, arg: str = "", batch_size: int = 256, seq_len: i
         jax.tree.leaves((trainable, opt_state, frozen)),
         jax.tree.leaves((sh.trainable, sh.opt_state, sh.frozen))))
     count = lambda t: sum(x.size for x in jax.tree.leaves(t))
+    # XLA:CPU has no bf16 dot: it converts each (gathered) bf16 kernel to f32 before the dot. A
+    # TPU or GPU multiplies bf16 directly, so these buffers are a CPU artefact inside "temp".
+    layer = {tuple(x.shape[1:]) for x in jax.tree.leaves(frozen.get("params", {})) if x.ndim > 2}
+    converts = {line.split("=")[0].strip(): math.prod(int(d) for d in m.group(1).split(",")) * 4
+                for line in compiled.as_text().splitlines()
+                if (m := re.search(r"= f32\[([\d,]+)\]\{[\d,]*\} convert\(", line))
+                and tuple(int(d) for d in m.group(1).split(",")) in layer}
     nbytes = lambda t: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(t))
     return {
         "devices": int(sh.mesh.devices.size), "mesh": dict(sh.mesh.shape),
@@ -76,6 +85,9 @@ def lower_train_step(name: str, arg: str = "", batch_size: int = 256, seq_len: i
         "alias_size_in_bytes": mem.alias_size_in_bytes,
         "temp_size_in_bytes": mem.temp_size_in_bytes,
         "generated_code_size_in_bytes": mem.generated_code_size_in_bytes,
+        "cpu_f32_kernel_copies_in_hlo_bytes": sum(converts.values()),
+        "cpu_f32_kernel_copies_count": len(converts),
+        "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
 
 

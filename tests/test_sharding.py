@@ -397,3 +397,41 @@ def test_export_gathers_adapters_only_and_merges_in_shards(tmp_path):
     back = sharding.load_sharded(tmp_path / "merged", merged)
     jax.tree.map(np.testing.assert_array_equal, back, merged)
     assert all(jax.tree.leaves(jax.tree.map(lambda a, b: a.sharding == b.sharding, back, merged)))
+
+
+def test_losa_pruning_on_fsdp_tp_equals_one_device_and_masks_shard_like_kernels():
+    from lora_jax.sparsity import model as sm
+
+    model, example, params, _ = _tiny("gpt2")
+    tokens = jax.random.randint(jax.random.key(0), (8, 16), 0, 320)
+    want, want_masks = sm.prune_model(model, params, tokens, 0.5, "wanda")
+    mesh, rules = sharding.make_mesh(MeshConfig(preset="fsdp_tp")), sharding.RULES["fsdp_tp"]
+    specs = sharding.param_logical_specs(model, example)
+    placed = sharding.put(params, sharding.base_shardings(specs, mesh, rules, params))
+    got, masks = sm.prune_model(model, placed, tokens, 0.5, "wanda")
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got, want)
+    for path, m in masks.items():  # the same kept entries (ties aside: none in float weights)
+        np.testing.assert_array_equal(m, want_masks[path], err_msg=path)
+    nested = lj.rules.unflatten(masks)  # prune_model keys masks by '/'-joined kernel path
+    mask_sh = sharding.shardings(sharding.logical_specs(nested, specs), mesh, rules, nested)
+    kernel_sh = lj.rules.flatten(sharding.base_shardings(specs, mesh, rules, params))
+    for path, s in lj.rules.flatten(mask_sh).items():
+        assert s.spec == kernel_sh[path].spec and not s.is_fully_replicated, path
+    placed = sharding.put(nested, mask_sh)
+    sharding.check_sharded(jax.tree.map(lambda x: x.sharding, placed), nested, threshold_bytes=0)
+
+
+def test_qlora_nf4_blocks_are_sharded_under_fsdp_tp():
+    model, example, params, layouts = _tiny("llama", scan=True)
+    qparams = lj.quantize_params(params, "all-linear", "nf4", layouts=layouts)
+    mesh, rules = sharding.make_mesh(MeshConfig(preset="fsdp_tp")), sharding.RULES["fsdp_tp"]
+    specs = sharding.param_logical_specs(model, example)
+    sh = sharding.shardings(sharding.logical_specs(qparams, specs), mesh, rules, qparams)
+    placed = sharding.put(qparams, sh)
+    flat = lj.rules.flatten(placed)
+    q = flat["layers/mlp/up_proj/kernel"]
+    codes = [x for x in jax.tree.leaves(q) if x.dtype == jnp.uint8 and x.size > 64]
+    assert codes and all(not c.sharding.is_fully_replicated for c in codes)
+    np.testing.assert_allclose(lj.dequantize_params(placed)["layers"]["mlp"]["up_proj"]["kernel"],
+                               lj.dequantize_params(qparams)["layers"]["mlp"]["up_proj"]["kernel"],
+                               rtol=1e-6)  # fused differently on 8 devices: 1 ulp
