@@ -144,7 +144,7 @@ def load_hf_sharded(path: str, mesh, rules, *, scan_layers: bool = False, remat:
             handles[file] = safe_open(file, "np")
         return handles[file]
 
-    def build(our, entries, like, s):
+    def build(entries, like, s):
         per_layer = entries[0][0] is not None
         ours = tuple(like.shape[1:] if per_layer else like.shape)
         entries = sorted(entries, key=lambda e: e[0] or 0)
@@ -171,5 +171,5 @@ def load_hf_sharded(path: str, mesh, rules, *, scan_layers: bool = False, remat:
         if our not in by_path:
             raise ValueError(f"parameter {'/'.join(our)} of {type(module).__name__} has no HF "
                              "tensor in the key map")
-        hf._set_path(params, our, build(our, by_path[our], like, s))  # noqa: SLF001
+        hf._set_path(params, our, build(by_path[our], like, s))  # noqa: SLF001
     return module, params
