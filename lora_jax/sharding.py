@@ -440,14 +440,16 @@ def check_batch(batch_size: int, mesh, what: str = "train.batch_size") -> None:
 # ----------------------------------------------------------------------------- placement
 
 
-def put(tree, shardings_tree):
+def put(tree, shardings_tree, *, may_alias: bool = False):
     """Places a tree that every process holds in full (same values) on the mesh.
 
-    The result never aliases the caller's arrays (``may_alias=False``): a donating step may then
-    delete what ``put`` returns and the caller's tree stays usable.
+    By default the result never aliases the caller's arrays: a donating step may then delete what
+    ``put`` returns and the caller's tree stays usable. ``may_alias=True`` skips the copy of an
+    array already placed as asked, for trees no step donates (a frozen base, which a copy would
+    double).
     """
     if jax.process_count() == 1:
-        return jax.device_put(tree, shardings_tree, may_alias=False)
+        return jax.device_put(tree, shardings_tree, may_alias=may_alias)
 
     def one(x, s):
         host = np.asarray(x)
