@@ -12,6 +12,7 @@ Importing this package has no side effects.
 """
 
 from lora_jax import interop, methods, nnx
+from lora_jax import sharding
 from lora_jax.bank import combine, set_slot, stack_adapters
 from lora_jax.generate import generate, greedy_exact_match
 from lora_jax.interop import peft_targets
@@ -38,7 +39,7 @@ from lora_jax.transform import (
 )
 
 __all__ = [
-    "Adapter", "Ctx", "Layout", "LoraSpec", "Method", "methods", "regularizer", "transform_base",
+    "Adapter", "Ctx", "Layout", "sharding", "LoraSpec", "Method", "methods", "regularizer", "transform_base",
     "with_params", "PRESETS", "Rule", "adapter_labels",
     "adapter_optimizer", "apply", "count_params", "init_adapters", "join", "materialized",
     "merge", "nnx", "select_targets", "split", "summary", "trace_layouts", "unmerge",

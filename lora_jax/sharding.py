@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import warnings
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -22,7 +24,9 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from lora_jax import distributed
 from lora_jax import rules as rules_lib
+from lora_jax import transform
 from lora_jax.methods import Adapter, is_adapter
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -36,13 +40,22 @@ PRESET_SIZES = {
     "fsdp_tp": {"data": 1, "fsdp": -1, "tensor": 2},
 }
 
-# Logical name -> mesh axis (or None: replicated). The one place sharding policy lives.
+# Logical name -> rule. A fixed rule is a mesh axis, a tuple of mesh axes (the dimension split
+# over their product) or None (replicated); it is always applied, and a dimension it does not
+# divide is an error. A list is ordered candidates (MaxText's logical_axis_rules), tried after the
+# fixed rules of the same array in dimension order: the first candidate whose axes are unused in
+# the array and divide the dimension wins, else the dimension is replicated. The candidates shard
+# what a fixed rule leaves whole: B of q/k/v/gate/up ('heads', 'kv', 'mlp'), A of o/down, the
+# vocabulary factors, and their optimizer moments. The one place sharding policy lives.
+_FSDP_FALLBACK = ["fsdp"]
 RULES = {
     "dp": {name: None for name in LOGICAL_NAMES},
-    "fsdp": {"embed": "fsdp", "heads": None, "kv": None, "kv_heads": None, "mlp": None,
-             "vocab": None, "layers": None},
-    "fsdp_tp": {"embed": "fsdp", "heads": "tensor", "kv": None, "kv_heads": "tensor",
-                "mlp": "tensor", "vocab": "tensor", "layers": None},
+    "fsdp": {"embed": "fsdp", "heads": _FSDP_FALLBACK, "kv": _FSDP_FALLBACK,
+             "kv_heads": _FSDP_FALLBACK, "mlp": _FSDP_FALLBACK, "vocab": _FSDP_FALLBACK,
+             "layers": None},
+    "fsdp_tp": {"embed": "fsdp", "heads": ["tensor", "fsdp"], "kv": _FSDP_FALLBACK,
+                "kv_heads": ["tensor", "fsdp"], "mlp": ["tensor", "fsdp"],
+                "vocab": ["tensor", "fsdp"], "layers": None},
 }
 
 
@@ -105,48 +118,134 @@ def abstract_mesh(mc, n_devices: int) -> jax.sharding.AbstractMesh:
 
 
 def logical_rules(mc) -> dict[str, Any]:
-    """The preset's rules with ``mc.rules`` overrides ('mlp=tensor,vocab=none') applied."""
+    """The preset's rules with ``mc.rules`` overrides applied.
+
+    ``'mlp=tensor,vocab=none'`` sets fixed rules; ``'fsdp+tensor'`` splits over both axes' product;
+    ``'mlp=tensor|fsdp'`` sets ordered candidates (see ``RULES``).
+    """
     table = dict(RULES[_preset(mc.preset)])
     for item in filter(None, (s.strip() for s in getattr(mc, "rules", "").split(","))):
-        name, sep, axis = (s.strip() for s in item.partition("="))
+        name, sep, value = (s.strip() for s in item.partition("="))
         if not sep or name not in table:
             raise ValueError(f"mesh rule {item!r}: expected name=axis with name in {sorted(table)}")
-        axes = tuple(a for a in axis.split("+") if a.lower() != "none")
-        unknown = [a for a in axes if a not in MESH_AXES]
-        if unknown:
-            raise ValueError(f"mesh rule {item!r}: unknown mesh axis {unknown}; use {MESH_AXES}")
-        table[name] = None if not axes else axes[0] if len(axes) == 1 else axes
+        options = []
+        for option in value.split("|"):
+            axes = tuple(a for a in option.split("+") if a.lower() != "none")
+            unknown = [a for a in axes if a not in MESH_AXES]
+            if unknown:
+                raise ValueError(f"mesh rule {item!r}: unknown mesh axis {unknown}; use "
+                                 f"{MESH_AXES}")
+            options.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+        table[name] = options if "|" in value else options[0]
     return table
 
 
-def to_mesh_spec(logical: Sequence[str | None], rules: Mapping[str, Any], where: str = "") -> P:
-    """Logical names -> mesh ``PartitionSpec``; ``('embed', 'mlp')`` -> ``P('fsdp', None)``."""
-    out, used = [], []
+def _axes(rule) -> tuple[str, ...]:
+    return (rule,) if isinstance(rule, str) else tuple(rule or ())
+
+
+def to_mesh_spec(logical: Sequence[str | None], rules: Mapping[str, Any], where: str = "",
+                 shape: Sequence[int] | None = None, mesh_sizes: Mapping[str, int] | None = None
+                 ) -> P:
+    """Logical names -> mesh ``PartitionSpec``; ``('embed', 'mlp')`` -> ``P('fsdp', None)``.
+
+    Fixed rules first, then candidate lists in dimension order (``RULES``). With ``shape`` and
+    ``mesh_sizes`` a candidate must divide its dimension; without them the first unused one wins.
+    """
+    where = where or "parameter"
+    out, used = [None] * len(logical), set()
     for name in logical:
-        if name is None:
-            out.append(None)
-            continue
-        if name not in rules:
-            raise ValueError(f"{where or 'parameter'}: logical axis {name!r} has no rule; "
+        if name is not None and name not in rules:
+            raise ValueError(f"{where}: logical axis {name!r} has no rule; "
                              f"known: {sorted(rules)}. Add it to the rules (MeshConfig.rules)")
-        axis = rules[name]
-        for a in (axis,) if isinstance(axis, str) else (axis or ()):
+    for i, name in enumerate(logical):
+        rule = None if name is None else rules[name]
+        if isinstance(rule, list):
+            continue
+        for a in _axes(rule):
             if a in used:
-                raise ValueError(f"{where or 'parameter'}: mesh axis {a!r} would shard two "
+                raise ValueError(f"{where}: mesh axis {a!r} would shard two "
                                  f"dimensions of {tuple(logical)}; fix the rules")
-            used.append(a)
-        out.append(axis)
+            used.add(a)
+        out[i] = rule
+    for i, name in enumerate(logical):
+        rule = None if name is None else rules[name]
+        if not isinstance(rule, list):
+            continue
+        for option in rule:
+            axes = _axes(option)
+            if not axes or used & set(axes):
+                continue
+            if shape is not None and mesh_sizes is not None \
+                    and shape[i] % math.prod(mesh_sizes[a] for a in axes):
+                continue
+            out[i] = option
+            used |= set(axes)
+            break
     return P(*out)
 
 
 # ----------------------------------------------------------------------------- logical specs
 
 
-def param_logical_specs(model: nn.Module, *example, **kwargs) -> dict[str, tuple]:
-    """``{path: logical names}`` of every parameter, from an abstract ``model.init`` (no memory)."""
+UNNAMED = ("warn", "raise", "largest")
+
+
+def param_logical_specs(model: nn.Module, *example, mesh=None, rules=None, unnamed: str = "warn",
+                        **kwargs) -> dict[str, tuple]:
+    """``{path: logical names}`` of every parameter, from an abstract ``model.init`` (no memory).
+
+    With ``mesh`` and ``rules`` of a weight-sharding preset, parameters without logical names
+    (a plain ``nn.Dense``) are handled by ``unnamed``: ``'warn'`` lists them with their bytes,
+    ``'raise'`` fails, ``'largest'`` shards them over the 'embed' rule's axes along their largest
+    dimension that divides (see ``name_unnamed``).
+    """
     abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), *example, **kwargs))
     specs = nn.get_partition_spec(abstract)["params"]
-    return {path: tuple(spec) for path, spec in rules_lib.flatten(specs).items()}
+    specs = {path: tuple(spec) for path, spec in rules_lib.flatten(specs).items()}
+    if mesh is None:
+        return specs
+    shapes = rules_lib.flatten(nn.meta.unbox(abstract)["params"])
+    return name_unnamed(specs, shapes, mesh, rules, unnamed)
+
+
+def name_unnamed(specs: Mapping[str, tuple], shapes: Mapping[str, Any], mesh, rules,
+                 policy: str = "warn") -> dict[str, tuple]:
+    """``specs`` with every parameter that has no logical names dealt with by ``policy``.
+
+    Only on a mesh whose 'embed' rule shards (fsdp, fsdp_tp): there a nameless parameter would be
+    silently replicated. ``'largest'`` names the largest dimension that the 'embed' rule's axes
+    divide 'embed' (so its adapters and optimizer state follow), e.g. a ``(512, 2048)`` Dense
+    kernel on 8 fsdp devices -> ``(None, 'embed')``; parameters with no such dimension stay
+    replicated and are warned about.
+    """
+    if policy not in UNNAMED:
+        raise ValueError(f"unnamed={policy!r}; choose one of {UNNAMED}")
+    embed = rules.get("embed") if rules else None
+    options = embed if isinstance(embed, list) else [embed]
+    sizes = [math.prod(mesh.shape[a] for a in _axes(o)) for o in options if _axes(o)]
+    if not sizes or max(sizes) == 1:
+        return dict(specs)
+    out, left = dict(specs), {}
+    for path, names in specs.items():
+        if names:
+            continue
+        shape = np.shape(shapes[path])
+        if policy == "largest":
+            fits = [i for i in np.argsort(shape)[::-1] if shape[i] % min(sizes) == 0]
+            if fits:
+                out[path] = tuple("embed" if i == fits[0] else None for i in range(len(shape)))
+                continue
+        left[path] = math.prod(shape) * np.dtype(shapes[path].dtype).itemsize
+    if left:
+        listed = ", ".join(f"{p} ({n:,} B)" for p, n in sorted(left.items()))
+        msg = (f"{len(left)} parameters have no logical axis names and are replicated on every "
+               f"device ({sum(left.values()):,} B in all): {listed}. Name their axes "
+               "(nn.with_logical_partitioning) or pass unnamed='largest'")
+        if policy == "raise":
+            raise ValueError(msg)
+        warnings.warn(msg, stacklevel=2)
+    return out
 
 
 # Per leaf of an adapter: tokens 'stack', 'in', 'out', 'kernel' (the kernel's own axes), None
@@ -243,7 +342,8 @@ def shardings(logical_tree, mesh, rules: Mapping[str, Any], like=None):
     of the same structure) every sharded dimension is checked to divide evenly."""
     def one(path, names, x=None):
         where = jax.tree_util.keystr(path)
-        spec = to_mesh_spec(names, rules, where)
+        spec = to_mesh_spec(names, rules, where, None if x is None else np.shape(x),
+                            dict(mesh.shape))
         if x is not None:
             for dim, axis in zip(np.shape(x), spec):
                 size = math.prod(mesh.shape[a] for a in ((axis,) if isinstance(axis, str)
@@ -289,6 +389,42 @@ def opt_state_shardings(tx, params, param_shardings, mesh):
     return jax.tree_util.tree_map_with_path(one, abstract)
 
 
+def _is_replicated(s) -> bool:
+    return all(_axes(a) == () for a in s.spec)
+
+
+def replicated_leaves(shardings_tree, shapes_tree, threshold_bytes: int = 2**20
+                      ) -> dict[str, int]:
+    """``{path: bytes}`` of every fully replicated leaf larger than ``threshold_bytes``.
+
+    ``shapes_tree`` mirrors ``shardings_tree`` (arrays or ``ShapeDtypeStruct``s). Nothing is
+    reported on a mesh whose weight axes ('fsdp', 'tensor') have size 1 (``dp``: replication is
+    the point).
+    """
+    flat_s, _ = jax.tree_util.tree_flatten_with_path(shardings_tree)
+    if not flat_s or math.prod(flat_s[0][1].mesh.shape.get(a, 1) for a in ("fsdp", "tensor")) == 1:
+        return {}
+    out = {}
+    for (path, s), x in zip(flat_s, jax.tree.leaves(shapes_tree)):
+        nbytes = math.prod(np.shape(x)) * np.dtype(x.dtype).itemsize
+        if _is_replicated(s) and nbytes > threshold_bytes:
+            out[jax.tree_util.keystr(path)] = nbytes
+    return out
+
+
+def check_sharded(shardings_tree, shapes_tree, threshold_bytes: int = 2**20) -> None:
+    """Raises naming every fully replicated leaf over ``threshold_bytes`` (as MaxText's
+    ``assert_params_sufficiently_sharded``); call it at setup on params, adapters and optimizer
+    state. The fix is a rule (``MeshConfig.rules``, candidates ``'mlp=tensor|fsdp'``) or a mesh
+    whose axes divide the leaf's dimensions."""
+    bad = replicated_leaves(shardings_tree, shapes_tree, threshold_bytes)
+    if bad:
+        listed = ", ".join(f"{p} ({n / 2**20:.1f} MiB)" for p, n in sorted(bad.items()))
+        raise ValueError(f"{len(bad)} leaves are fully replicated on every device although the "
+                         f"mesh shards weights: {listed}. Add a rule or candidate for their "
+                         "logical axes (MeshConfig.rules) or raise the threshold")
+
+
 def batch_sharding(mesh) -> NamedSharding:
     """The batch's leading axis over ``DATA_AXES``; other axes unsharded."""
     return NamedSharding(mesh, P(DATA_AXES))
@@ -304,16 +440,46 @@ def check_batch(batch_size: int, mesh, what: str = "train.batch_size") -> None:
 # ----------------------------------------------------------------------------- placement
 
 
-def put(tree, shardings_tree):
-    """Places a tree that every process holds in full (same values) on the mesh."""
+def put(tree, shardings_tree, *, may_alias: bool = False):
+    """Places a tree that every process holds in full (same values) on the mesh.
+
+    By default the result never aliases the caller's arrays: a donating step may then delete what
+    ``put`` returns and the caller's tree stays usable. ``may_alias=True`` skips the copy of an
+    array already placed as asked, for trees no step donates (a frozen base, which a copy would
+    double).
+    """
     if jax.process_count() == 1:
-        return jax.device_put(tree, shardings_tree)
+        return jax.device_put(tree, shardings_tree, may_alias=may_alias)
 
     def one(x, s):
         host = np.asarray(x)
         return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
 
     return jax.tree.map(one, tree, shardings_tree)
+
+
+def init_sharded(model: nn.Module, example, mesh, rules, seed: int = 0, *, unnamed="warn"):
+    """The model's params (unboxed, nested dict) created directly in their shards.
+
+    Shardings come from ``jax.eval_shape`` first; then ``jax.jit(init, out_shardings=...)`` writes
+    each device's shard on that device, so no device (or host) ever holds a whole weight. Same
+    values as ``model.init(jax.random.key(seed), example)['params']`` on one device.
+    """
+    specs = param_logical_specs(model, example, mesh=mesh, rules=rules, unnamed=unnamed)
+    init = lambda k: nn.meta.unbox(model.init(k, example)["params"])
+    shapes = jax.eval_shape(init, jax.random.key(seed))
+    out = base_shardings(specs, mesh, rules, shapes)
+    return jax.jit(init, out_shardings=out)(jax.random.key(seed))
+
+
+def init_adapters_sharded(params, spec, key, param_specs, mesh, rules, *, layouts=None):
+    """``lj.init_adapters(params, spec, key, layouts=layouts)`` with every adapter leaf created in
+    its shard (``jax.jit(..., out_shardings=...)``); ``params`` may be sharded arrays. Returns
+    ``(adapters, shardings)``."""
+    init = lambda p, k: transform.init_adapters(p, spec, k, layouts=layouts)
+    shapes = jax.eval_shape(init, params, key)
+    out = shardings(logical_specs(shapes, param_specs), mesh, rules, shapes)
+    return jax.jit(init, out_shardings=out)(params, key), out
 
 
 def shard_batch(local_batch: Mapping[str, np.ndarray], mesh) -> dict[str, jax.Array]:
@@ -356,6 +522,49 @@ def batch_sharded(forward, mesh):
             return forward(trainable, frozen, inputs, *args, **kwargs)
 
     return wrapped
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def gather_for_export(trainable, frozen):
+    """``(trainable, frozen)`` ready for an adapter export on process 0: the trainable tree and
+    ``frozen['state']`` gathered (fully replicated, readable by host code on any process), the
+    frozen base ``frozen['params']`` passed through in its shards, never gathered. Every process
+    must call it (it runs collectives)."""
+    base = {"params": frozen["params"]} if "params" in frozen else {}
+    rest = {k: v for k, v in frozen.items() if k != "params"}
+    trainable, rest = distributed.gather((trainable, rest))
+    return trainable, {**rest, **base}
+
+
+def merge_sharded(params, adapters, base_sharding_tree, **kwargs):
+    """``lj.merge(params, adapters)`` under ``jax.jit`` with the merged kernels sharded like the
+    base (``base_sharding_tree``, e.g. ``TrainShardings.frozen['params']``): no device ever holds
+    a whole merged kernel. ``kwargs`` go to ``lj.merge`` (``task=``)."""
+    merge = lambda p, a: transform.merge(p, a, **kwargs)
+    return jax.jit(merge, out_shardings=base_sharding_tree)(params, adapters)
+
+
+def save_sharded(path, tree) -> None:
+    """Writes a tree of sharded arrays with orbax: each process writes its own shards (no
+    gather). Every process calls it with the same absolute ``path``; read it back with
+    ``load_sharded``."""
+    import orbax.checkpoint as ocp  # noqa: PLC0415 (orbax is slow to import; only here)
+
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.abspath(path), tree)
+
+
+def load_sharded(path, like):
+    """The tree ``save_sharded`` wrote, placed as ``like`` (arrays or ``ShapeDtypeStruct``s
+    with shardings) says: each process reads only its shards."""
+    import orbax.checkpoint as ocp  # noqa: PLC0415
+
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            like)
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(os.path.abspath(path), abstract)
 
 
 @dataclasses.dataclass(frozen=True)

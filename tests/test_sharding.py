@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 from flax import linen as nn
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import lora_jax as lj
 from lora_jax import models, sharding
@@ -273,3 +273,166 @@ def test_full_finetuning_shards_the_weights_themselves():
     assert sh.trainable["h_0"]["mlp"]["c_fc"]["kernel"].spec == P("fsdp", "tensor")
     assert sh.trainable["wte"]["embedding"].spec == P("tensor", "fsdp")
     assert sh.frozen == {}
+
+
+# ----------------------------------------------------------------------------- issue 13
+
+
+def test_candidate_rules_take_the_first_unused_axis_that_divides():
+    rules = {"embed": "fsdp", "heads": ["tensor", "fsdp"], "kv": ["fsdp"]}
+    sizes = {"data": 1, "fsdp": 4, "tensor": 2}
+    # q kernel: the fixed 'embed' takes fsdp first, so 'kv' finds it used.
+    assert sharding.to_mesh_spec(("embed", "heads", "kv"), rules, "", (32, 4, 16), sizes) == \
+        P("fsdp", "tensor", None)
+    # B (r, heads, kv): heads -> tensor, kv falls back to fsdp.
+    assert sharding.to_mesh_spec((None, "heads", "kv"), rules, "", (8, 4, 16), sizes) == \
+        P(None, "tensor", "fsdp")
+    # 3 heads: tensor does not divide, fsdp does not either; kv takes fsdp.
+    assert sharding.to_mesh_spec((None, "heads", "kv"), rules, "", (8, 3, 16), sizes) == \
+        P(None, None, "fsdp")
+    assert sharding.logical_rules(MeshConfig(preset="fsdp", rules="mlp=tensor|fsdp"))["mlp"] == \
+        ["tensor", "fsdp"]
+
+
+def test_no_adapter_or_optimizer_leaf_is_replicated_under_fsdp():
+    model, example, params, layouts = _tiny("llama", scan=True)
+    specs = sharding.param_logical_specs(model, example)
+    trainable, state = lj.split(_adapters(params, layouts, "lora"))
+    tx = lj.adapter_optimizer(optax.adamw(1e-3), trainable)
+    mesh = sharding.make_mesh(MeshConfig(preset="fsdp"))
+    sh = sharding.train_shardings(mesh, sharding.RULES["fsdp"], specs, trainable,
+                                  {"params": params, "state": state}, tx)
+    sharding.check_sharded(sh.trainable, trainable, threshold_bytes=0)
+    sharding.check_sharded(sh.frozen["params"], params, threshold_bytes=0)
+    opt = jax.eval_shape(tx.init, trainable)
+    big = sharding.replicated_leaves(sh.opt_state, opt, threshold_bytes=4)
+    assert not big, big  # only the scalar step counts (4 bytes) stay replicated
+    # Without the fallbacks (the old fixed rules) the check names the replicated B factors.
+    old = dict(sharding.RULES["fsdp"], heads=None, kv=None, kv_heads=None, mlp=None, vocab=None)
+    sh_old = sharding.train_shardings(mesh, old, specs, trainable,
+                                      {"params": params, "state": state}, tx)
+    with pytest.raises(ValueError, match=r"\['q_proj'\]\['kernel'\]\.params\['b'\]"):
+        sharding.check_sharded(sh_old.trainable, trainable, threshold_bytes=0)
+    # dp replicates by design: nothing to report.
+    dp = sharding.make_mesh(MeshConfig(preset="dp"))
+    sh_dp = sharding.train_shardings(dp, sharding.RULES["dp"], specs, trainable, {}, tx)
+    sharding.check_sharded(sh_dp.trainable, trainable, threshold_bytes=0)
+
+
+def test_put_never_aliases_the_callers_arrays():
+    mesh = sharding.make_mesh(MeshConfig(preset="dp"))
+    s = NamedSharding(mesh, P())
+    x = jax.device_put(jnp.arange(8.0), s)
+    y = sharding.put({"x": x}, {"x": s})["x"]
+    step = jax.jit(lambda v: v + 1, donate_argnums=0)
+    step(y)
+    assert y.is_deleted() and not x.is_deleted()
+    np.testing.assert_array_equal(x, np.arange(8.0))
+    assert sharding.put({"x": x}, {"x": s}, may_alias=True)["x"] is x  # opt-in: no copy
+
+
+class _PlainNet(nn.Module):
+    """A user's model with no logical axis names."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(8, name="out")(nn.Dense(64, name="hidden")(x))
+
+
+def test_unnamed_parameters_warn_raise_or_take_the_largest_dimension():
+    model, x = _PlainNet(), jnp.zeros((2, 16))
+    mesh, rules = sharding.make_mesh(MeshConfig(preset="fsdp")), sharding.RULES["fsdp"]
+    with pytest.warns(UserWarning, match=r"4 parameters have no logical axis names .*"
+                                         r"hidden/kernel \(4,096 B\)"):
+        specs = sharding.param_logical_specs(model, x, mesh=mesh, rules=rules)
+    assert specs["hidden/kernel"] == ()
+    with pytest.raises(ValueError, match="unnamed='largest'"):
+        sharding.param_logical_specs(model, x, mesh=mesh, rules=rules, unnamed="raise")
+    specs = sharding.param_logical_specs(model, x, mesh=mesh, rules=rules, unnamed="largest")
+    assert specs["hidden/kernel"] == (None, "embed") and specs["hidden/bias"] == ("embed",)
+    assert specs["out/kernel"] == ("embed", None) and specs["out/bias"] == ("embed",)
+    params = sharding.init_sharded(model, x, mesh, rules, unnamed="largest")
+    assert params["hidden"]["kernel"].sharding.spec == P(None, "fsdp")
+    dp = sharding.make_mesh(MeshConfig(preset="dp"))  # dp replicates on purpose: no warning
+    assert sharding.param_logical_specs(model, x, mesh=dp, rules=sharding.RULES["dp"],
+                                        unnamed="raise")["out/kernel"] == ()
+
+
+def test_init_sharded_is_born_in_its_shards_and_equals_one_device_init():
+    model, example, params, layouts = _tiny("llama", scan=True)
+    mesh, rules = sharding.make_mesh(MeshConfig(preset="fsdp_tp")), sharding.RULES["fsdp_tp"]
+    got = sharding.init_sharded(model, example, mesh, rules, seed=0)
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)  # jit vs eager
+    jax.tree.map(close, got, params)
+    for x in jax.tree.leaves(got):
+        assert not x.sharding.is_fully_replicated, x.shape
+        assert max(s.data.size for s in x.addressable_shards) < x.size
+    specs = sharding.param_logical_specs(model, example)
+    spec = lj.LoraSpec(targets=("all-linear",))
+    adapters, sh = sharding.init_adapters_sharded(got, spec, jax.random.key(1), specs, mesh, rules,
+                                                 layouts=layouts)
+    want = lj.init_adapters(params, spec, jax.random.key(1), layouts=layouts)
+    jax.tree.map(close, adapters, want)
+    assert all(jax.tree.leaves(jax.tree.map(lambda a, s: a.sharding == s, adapters, sh)))
+
+
+def test_export_gathers_adapters_only_and_merges_in_shards(tmp_path):
+    model, example, params, layouts = _tiny("llama", scan=True)
+    mesh, rules = sharding.make_mesh(MeshConfig(preset="fsdp")), sharding.RULES["fsdp"]
+    specs = sharding.param_logical_specs(model, example)
+    adapters = _adapters(params, layouts, "dora")
+    trainable, state = lj.split(adapters)
+    tx = optax.sgd(0.1)
+    sh = sharding.train_shardings(mesh, rules, specs, trainable, {"params": params,
+                                                                  "state": state}, tx)
+    t, f = sharding.put((trainable, {"params": params, "state": state}), (sh.trainable, sh.frozen))
+    got_t, got_f = sharding.gather_for_export(t, f)
+    assert got_f["params"] is f["params"]  # the base is passed through, in its shards
+    merged = sharding.merge_sharded(f["params"], lj.join(t, f["state"]), sh.frozen["params"])
+    want = lj.merge(params, adapters)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), merged,
+                 want)
+    assert all(jax.tree.leaves(jax.tree.map(lambda a, s: a.sharding == s, merged,
+                                            sh.frozen["params"])))
+    sharding.save_sharded(tmp_path / "merged", merged)
+    back = sharding.load_sharded(tmp_path / "merged", merged)
+    jax.tree.map(np.testing.assert_array_equal, back, merged)
+    assert all(jax.tree.leaves(jax.tree.map(lambda a, b: a.sharding == b.sharding, back, merged)))
+
+
+def test_losa_pruning_on_fsdp_tp_equals_one_device_and_masks_shard_like_kernels():
+    from lora_jax.sparsity import model as sm
+
+    model, example, params, _ = _tiny("gpt2")
+    tokens = jax.random.randint(jax.random.key(0), (8, 16), 0, 320)
+    want, want_masks = sm.prune_model(model, params, tokens, 0.5, "wanda")
+    mesh, rules = sharding.make_mesh(MeshConfig(preset="fsdp_tp")), sharding.RULES["fsdp_tp"]
+    specs = sharding.param_logical_specs(model, example)
+    placed = sharding.put(params, sharding.base_shardings(specs, mesh, rules, params))
+    got, masks = sm.prune_model(model, placed, tokens, 0.5, "wanda")
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got, want)
+    for path, m in masks.items():  # the same kept entries (ties aside: none in float weights)
+        np.testing.assert_array_equal(m, want_masks[path], err_msg=path)
+    nested = lj.rules.unflatten(masks)  # prune_model keys masks by '/'-joined kernel path
+    mask_sh = sharding.shardings(sharding.logical_specs(nested, specs), mesh, rules, nested)
+    kernel_sh = lj.rules.flatten(sharding.base_shardings(specs, mesh, rules, params))
+    for path, s in lj.rules.flatten(mask_sh).items():
+        assert s.spec == kernel_sh[path].spec and not s.is_fully_replicated, path
+    placed = sharding.put(nested, mask_sh)
+    sharding.check_sharded(jax.tree.map(lambda x: x.sharding, placed), nested, threshold_bytes=0)
+
+
+def test_qlora_nf4_blocks_are_sharded_under_fsdp_tp():
+    model, example, params, layouts = _tiny("llama", scan=True)
+    qparams = lj.quantize_params(params, "all-linear", "nf4", layouts=layouts)
+    mesh, rules = sharding.make_mesh(MeshConfig(preset="fsdp_tp")), sharding.RULES["fsdp_tp"]
+    specs = sharding.param_logical_specs(model, example)
+    sh = sharding.shardings(sharding.logical_specs(qparams, specs), mesh, rules, qparams)
+    placed = sharding.put(qparams, sh)
+    flat = lj.rules.flatten(placed)
+    q = flat["layers/mlp/up_proj/kernel"]
+    codes = [x for x in jax.tree.leaves(q) if x.dtype == jnp.uint8 and x.size > 64]
+    assert codes and all(not c.sharding.is_fully_replicated for c in codes)
+    np.testing.assert_allclose(lj.dequantize_params(placed)["layers"]["mlp"]["up_proj"]["kernel"],
+                               lj.dequantize_params(qparams)["layers"]["mlp"]["up_proj"]["kernel"],
+                               rtol=1e-6)  # fused differently on 8 devices: 1 ulp
