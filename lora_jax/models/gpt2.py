@@ -43,6 +43,7 @@ class GPT2Config:
     param_dtype: Dtype = jnp.float32
     scan_layers: bool = False
     remat: bool = False
+    remat_policy: str = "nothing_saveable"  # a jax.checkpoint_policies name (with remat)
 
     def __post_init__(self):
         if self.d_model % self.n_head:
@@ -231,6 +232,18 @@ class GPT2Block(nn.Module):
         return x + drop(h), cache
 
 
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                  "everything_saveable")
+
+
+def remat_policy(name: str):
+    """``jax.checkpoint_policies.<name>``: what the backward pass keeps instead of recomputing
+    ('nothing_saveable': full remat; 'dots_saveable': keep matmul outputs; ...)."""
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat_policy {name!r}; use one of {REMAT_POLICIES}")
+    return getattr(jax.checkpoint_policies, name)
+
+
 def build_layer_stack(block_cls, cfg, *, deterministic: bool, prefix: str):
     """Returns `(x, cache, side) -> (x, cache)` applying `cfg.n_layers` blocks, scanned or as
     `{prefix}_{i}`.
@@ -240,7 +253,10 @@ def build_layer_stack(block_cls, cfg, *, deterministic: bool, prefix: str):
     None or `{'k', 'v'}` with the layer axis first (sliced per layer, restacked on the way out);
     `side` is what every layer shares (mask, positions, cache index), or None.
     """
-    block = nn.remat(block_cls, prevent_cse=not cfg.scan_layers) if cfg.remat else block_cls
+    block = block_cls
+    if cfg.remat:
+        policy = remat_policy(getattr(cfg, "remat_policy", "nothing_saveable"))
+        block = nn.remat(block_cls, prevent_cse=not cfg.scan_layers, policy=policy)
     if cfg.scan_layers:
         stack = nn.scan(
             block,

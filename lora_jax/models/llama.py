@@ -48,6 +48,7 @@ class LlamaConfig:
     param_dtype: Dtype = jnp.float32
     scan_layers: bool = False
     remat: bool = False
+    remat_policy: str = "nothing_saveable"  # a jax.checkpoint_policies name (with remat)
 
     def __post_init__(self):
         if self.d_model % self.n_heads:

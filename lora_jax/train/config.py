@@ -24,6 +24,7 @@ class ModelConfig:
     overrides: str = ""  # 'd_model=256,n_layer=6': preset fields to change
     scan_layers: bool = False
     remat: bool = False
+    remat_policy: str = "nothing_saveable"  # with remat: a jax.checkpoint_policies name
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     hf_path: str = ""  # a Hugging Face checkpoint directory (config.json + model.safetensors)

@@ -69,3 +69,28 @@ def test_logical_names():
 def test_bad_head_count_raises():
     with pytest.raises(ValueError, match="n_head"):
         GPT2Config(d_model=100, n_head=3)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_remat_policies_give_the_same_loss_and_gradients(family):
+    from lora_jax.models import get_model
+    from lora_jax.models.gpt2 import REMAT_POLICIES
+
+    small = (dict(d_model=32, n_layers=2, n_head=2, vocab_size=64, n_positions=16)
+             if family == "gpt2" else
+             dict(d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, d_ff=64, vocab_size=64,
+                  max_seq_len=16))
+    x = jax.random.randint(jax.random.key(0), (2, 8), 0, 64)
+    plain, _ = get_model(family, "tiny", **small)
+    params = plain.init(jax.random.key(1), x)["params"]
+    loss = lambda m: jax.value_and_grad(lambda p: jnp.mean(m.apply({"params": p}, x) ** 2))(params)
+    want, want_g = loss(plain)
+    for policy in REMAT_POLICIES:
+        model, _ = get_model(family, "tiny", remat=True, remat_policy=policy, **small)
+        got, got_g = loss(model)
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="unknown remat_policy"):
+        get_model(family, "tiny", remat=True, remat_policy="some", **small)[0].init(
+            jax.random.key(1), x)
