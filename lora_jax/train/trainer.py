@@ -473,7 +473,18 @@ def _identity(cfg: Experiment) -> dict:
     for k in RUNTIME_FIELDS:
         d["train"].pop(k)
     d.pop("mesh")  # a run may resume on another topology (process count, mesh shape)
-    return d
+    return _finite_json(d)
+
+
+def _finite_json(x):
+    """``x`` with NaN/inf floats as strings ('nan', 'inf'), so it is valid JSON (``lr=nan``)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return repr(x)
+    if isinstance(x, dict):
+        return {k: _finite_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_finite_json(v) for v in x)
+    return x
 
 
 def _accuracy_table(base: dict, final: dict) -> str:
