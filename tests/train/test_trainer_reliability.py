@@ -210,3 +210,19 @@ def test_sigterm_at_launch_and_in_the_final_phase_exit_0(tmp_path):
     assert proc.returncode == 0, out[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["train_seconds"] > 0
+
+
+@pytest.mark.slow
+def test_sigterm_mid_save_exits_0_and_the_rerun_completes(tmp_path):
+    """Every step is saved in the background; SIGTERM lands while step 3's save is in flight."""
+    flags = ("--config.train.checkpoint_every=1", "--config.train.async_checkpoints=True")
+    proc = _launch(tmp_path, *flags)
+    _wait_for(proc, r"^step 3/")
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=300)[0].decode()
+    assert proc.returncode == 0, out[-3000:]
+    stopped = int(re.search(r"SIGTERM checkpointed step (\d+)", out).group(1))
+    proc = _launch(tmp_path, *flags)
+    out = proc.communicate(timeout=300)[0].decode()
+    assert proc.returncode == 0 and f"resuming from step {stopped}" in out, out[-3000:]
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 6
