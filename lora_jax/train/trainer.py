@@ -444,7 +444,11 @@ class Preemption:
         """
         if jax.process_count() == 1:
             return self.requested
-        return multihost_utils.reached_preemption_sync_point(step) or _any_process(self.requested)
+        try:
+            synced = multihost_utils.reached_preemption_sync_point(step)
+        except RuntimeError:  # jax_enable_preemption_service=False: our own flag only
+            synced = False
+        return _any_process(self.requested) or synced
 
     def requested_anywhere(self) -> bool:
         """The flag, or'ed over processes (a collective: every process must call it)."""
