@@ -12,7 +12,11 @@ sparsity from representation mutual information and ranks from reconstruction er
         --workdir=runs/losa/prune_lora_s0.7
 
 Arg keys: sparsity (S), pruner ('wanda' | 'sparsegpt' | 'magnitude'), iterations (T), beta,
-pattern ('' or '2:4'), steps, variant ('losa' | 'prune_lora' | 'prune_masked').
+pattern ('' or '2:4'), steps, variant ('losa' | 'reference' | 'prune_lora' | 'prune_masked').
+``variant='reference'``: LoSA with the reference code's choices (wzhuang-xmu/LoSA): ranks capped at
+8, adapter dropout 0.1, masks from ``W != 0`` (earlier zeros stay frozen); see
+``lora_jax.methods.sparse.LoSA`` for each deviation of the default. beta is not swept: the exact
+LP's solution depends only on the order of the importances, which beta does not change.
 ``variant='prune_lora'``: prune once (T = 1, one rate for every block) then plain LoRA (its
 merge is dense); ``'prune_masked'``: the same with masked adapters. "Pruned without fine-tuning"
 is logged by every run as ``losa[0].eval_after_prune`` of a T = 1 run in summary.json.
@@ -40,17 +44,22 @@ def get_config(arg: str = ""):
     sc.iterations = int(a["iterations"])
     sc.beta = float(a["beta"])
     sc.pattern = a["pattern"]
-    if a["variant"] in ("prune_lora", "prune_masked"):
+    if a["variant"] == "reference":
+        sc.rank_cap, sc.mask_from = 8, "nonzero"
+        config.adapter.dropout = 0.1
+    elif a["variant"] in ("prune_lora", "prune_masked"):
         sc.iterations, sc.layerwise, sc.dynamic_rank = 1, False, False
         sc.masked = a["variant"] == "prune_masked"
         config.adapter.rank, config.adapter.alpha = 8, 16.0
     elif a["variant"] != "losa":
-        raise ValueError(f"variant={a['variant']!r}; use 'losa', 'prune_lora' or 'prune_masked'")
+        raise ValueError(f"variant={a['variant']!r}; use 'losa', 'reference', 'prune_lora' or "
+                         "'prune_masked'")
     return config
 
 
 def get_sweep(arg: str = ""):
-    """'' : S × pruner × T × beta around the defaults; 'compare': the table of docs/losa.md."""
+    """'' : S × pruner × T around the defaults, and the reference's options one at a time;
+    'compare': the table of docs/losa.md."""
     if (arg or "").split(",")[0] == "compare":
         out = []
         for s in (0.5, 0.7):
@@ -62,6 +71,7 @@ def get_sweep(arg: str = ""):
     grid = [{"method_args.target": s, "method_args.pruner": p}
             for s in (0.5, 0.7) for p in ("wanda", "sparsegpt")]
     grid += [{"method_args.iterations": t} for t in (1, 3, 5)]
-    grid += [{"method_args.beta": b} for b in (0.5, 1.0, 2.0)]
+    grid += [{"method_args.rank_cap": 8}, {"method_args.mask_from": "nonzero"},
+             {"adapter.dropout": 0.1}]
     grid += [{"method_args.pattern": "2:4"}]
     return grid

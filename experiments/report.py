@@ -4,9 +4,10 @@
     python -m experiments.report runs/rank_targets --out=docs/img/rank_targets --title="Rank"
 
 Writes ``report.md``, ``report.csv``, ``loss_curves.png`` and ``vs_<axis>.png`` (eval loss and mean
-accuracy against each swept axis) into ``--out`` (default: the directory itself) and prints the
-table. A missing or corrupt ``summary.json`` is named and that run left out; the rest still report.
-Exits non-zero only when no run could be read.
+accuracy against each swept axis that is not confounded with another; seeds averaged as mean ± std)
+into ``--out`` (default: the directory itself) and prints the table within 100 columns. A missing
+or corrupt ``summary.json`` is named and that run left out; a summary that lacks an optional value
+(``tokens_per_sec``, say) shows it blank. Exits non-zero only when no run could be read.
 """
 
 import sys
@@ -33,7 +34,7 @@ def main(argv):
     if not runs:
         sys.exit(f"no complete run (summary.json) under {root}")
     out = report.write_report(runs, _OUT.value or root, title=_TITLE.value or root, notes=notes)
-    print(out["markdown"])
+    print(out["text"])
     print("wrote " + ", ".join(str(p) for p in out["files"]))
 
 

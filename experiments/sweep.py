@@ -6,9 +6,12 @@
 
 ``--config.a.b=v`` flags apply to every point (before the point's own overrides). Rerunning the same
 command skips complete points and resumes interrupted ones; it exits non-zero while any point has
-failed or is unfinished, listing them. ``--print_commands`` prints one ``experiments.train`` command
-per point (for a pod launcher or a job array) and runs nothing; those runs write no
-``overrides.json``, and ``experiments.report`` then reads the axes from their ``run.json``.
+failed or is unfinished, listing them. A point whose workdir holds a run of another config (the
+shared flags changed since the first run, e.g. ``--config.train.steps=80`` instead of 60) is refused
+with the differing fields named, never skipped: use a new ``--workdir`` for the new config.
+``--print_commands`` prints one ``experiments.train`` command per point (for a pod launcher or a
+job array) and runs nothing; those runs write no ``overrides.json``, and ``experiments.report``
+then reads the axes from their ``run.json``.
 Summarise with ``python -m experiments.report <workdir>``.
 """
 
@@ -19,6 +22,8 @@ from ml_collections import config_flags
 
 from configs import common
 from lora_jax import sweep
+from lora_jax.train import Experiment, from_dict
+from lora_jax.train.trainer import _identity as run_identity  # what run.json records
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file with get_sweep "
                                           "(configs/*.py[:arg]); the arg goes to get_config and "
@@ -49,9 +54,10 @@ def main(argv):
             print(sweep.format_command(sweep.launch_command(config_arg, point, shared)))
         return
     print(f"sweep {config_arg}: {len(plan)} points under {_WORKDIR.value}", flush=True)
+    resolve = lambda overrides: common.apply_overrides(_CONFIG.value, overrides)
     result = sweep.run_sweep(
-        config_arg, plan, extra_flags=shared, parallel=_PARALLEL.value,
-        validate=lambda overrides: common.apply_overrides(_CONFIG.value, overrides),
+        config_arg, plan, extra_flags=shared, parallel=_PARALLEL.value, validate=resolve,
+        identity=lambda o: run_identity(from_dict(Experiment, resolve(o).to_dict())),
         log=lambda msg: print(msg, flush=True))
     print(f"sweep: {len(result.done)} done, {len(result.skipped)} already complete, "
           f"{len(result.interrupted)} unfinished, {len(result.failed)} failed", flush=True)
@@ -62,4 +68,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=common.parse_flags)

@@ -11,7 +11,10 @@
 Importing this package has no side effects.
 """
 
-from lora_jax import methods, nnx
+from lora_jax import interop, methods, nnx
+from lora_jax.bank import combine, set_slot, stack_adapters
+from lora_jax.generate import generate, greedy_exact_match
+from lora_jax.interop import peft_targets
 from lora_jax.layers import Layout
 from lora_jax.methods import Adapter, Ctx, Method
 from lora_jax.optim import adapter_labels, adapter_optimizer
@@ -40,4 +43,6 @@ __all__ = [
     "adapter_optimizer", "apply", "count_params", "init_adapters", "join", "materialized",
     "merge", "nnx", "select_targets", "split", "summary", "trace_layouts", "unmerge",
     "dequantize_params", "merge_quantized", "quantize_params",
+    "combine", "generate", "greedy_exact_match", "set_slot", "stack_adapters",
+    "interop", "peft_targets",
 ]

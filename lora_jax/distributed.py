@@ -89,5 +89,8 @@ class NullWriter:
     def write(self, *args, **kwargs) -> None:
         del args, kwargs
 
+    def write_config(self, *args, **kwargs) -> None:
+        del args, kwargs
+
     def close(self) -> None:
         pass

@@ -4,7 +4,7 @@ An exported adapter is a directory with ``adapters.msgpack`` (the arrays, keyed 
 and ``spec.json`` (per path: method name and arguments, scale, layout, dropout; plus free-form metadata such
 as the ``LoraSpec`` and the model it was trained on). ``load_adapters`` rebuilds the ``Adapter``
 nodes and, given the base parameters, checks every path and shape before anything runs. PEFT's
-safetensors format lives in ``interop/``; training checkpoints (orbax) in ``train/``. Every file
+safetensors format lives in ``interop.py``; training checkpoints (orbax) in ``train/``. Every file
 is written with ``atomic_write`` (a kill leaves the old file or the new one, never a torn one).
 """
 
@@ -74,7 +74,8 @@ def save_adapters(directory: str | os.PathLike, adapters, metadata: Mapping[str,
     arrays = {p: {"params": jax.device_get(a.params), "state": jax.device_get(a.state)}
               for p, a in flat.items()}
     spec = {p: {"method": a.method.name, "args": _method_args(a.method), "scale": a.scale,
-                "dropout": a.dropout, "layout": dataclasses.asdict(a.layout)}
+                "dropout": a.dropout, "tied_head": a.tied_head,
+                "layout": dataclasses.asdict(a.layout)}
             for p, a in flat.items()}
     atomic_write(out / ARRAYS, serialization.msgpack_serialize(arrays))
     atomic_write(out / SPEC, json.dumps({"adapters": spec, "metadata": dict(metadata)},
@@ -116,7 +117,8 @@ def load_adapters(directory: str | os.PathLike, params: Mapping[str, Any] | None
             raise ValueError(f"{src / ARRAYS} has no arrays for {path!r}")
         flat[path] = Adapter(
             dict(arrays[path].get("params", {})), dict(arrays[path].get("state", {})),
-            _method(meta), meta["scale"], _layout(meta["layout"]), meta["dropout"])
+            _method(meta), meta["scale"], _layout(meta["layout"]), meta["dropout"],
+            meta.get("tied_head", True))
     adapters = rules.unflatten(flat)
     if params is not None:
         check_fits(params, adapters)

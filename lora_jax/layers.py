@@ -165,7 +165,8 @@ def layout_of_param(path: str, shape: tuple[int, ...]) -> Layout:
         f"cannot tell the input and output axes of {path!r} (shape {tuple(shape)}) from the "
         "parameters alone; trace the model once: "
         "layouts = lj.trace_layouts(model, params, *example_inputs), then "
-        "lj.init_adapters(params, spec, key, layouts=layouts)"
+        "lj.init_adapters(params, spec, key, layouts=layouts) (for an NNX model: "
+        "layouts=lj.nnx.layouts(model))"
     )
 
 

@@ -6,9 +6,14 @@
     result = run_sweep("configs/lora.py:small", plan, parallel=1)
 
 One path for sequential and parallel runs (a pool of subprocesses of size ``parallel``), so a crash
-of one point cannot take the sweep down. A point whose ``summary.json`` exists is skipped; an
-interrupted one resumes (the trainer restores its newest checkpoint). SIGTERM or Ctrl-C to the sweep
-is forwarded as SIGTERM to the running points, which checkpoint and stop. Each point's workdir gets
+of one point cannot take the sweep down. Before anything runs, each point's resolved config is
+compared with the ``run.json`` in its workdir (``stale_fields``): a point whose config differs (the
+shared flags changed between two runs of the sweep, say) is refused with the differing fields named
+and is never skipped as complete; use a new ``--workdir`` or the original flags. A point whose
+``summary.json`` exists (and whose config matches) is skipped; an interrupted one resumes (the
+trainer restores its newest checkpoint). SIGTERM or Ctrl-C to the sweep is forwarded as SIGTERM to
+the running points, which checkpoint and stop; a point that the forwarded SIGTERM killed (exit -15,
+e.g. during its start-up) counts as interrupted too, not failed. Each point's workdir gets
 ``overrides.json`` (what the report reads its axes from) and ``train.log`` (the process output).
 Flags live in ``experiments/sweep.py``; tables and plots over the finished runs in
 ``lora_jax/report.py``.
@@ -75,11 +80,13 @@ def load_sweep(config: str) -> list[dict]:
 
 
 def format_value(value: Any) -> str:
-    """A value as ``--config.key=`` text: ``True``, ``0.001``, ``all-linear``, ``('a', 'b')``."""
+    """A value as ``--config.key=`` text: ``True``, ``0.001``, ``all-linear``, ``('a', 'b')``.
+
+    Floats are short (``3e-04`` as ``0.0003``) unless that would change them."""
     if isinstance(value, (tuple, list)):
         return repr(tuple(value))
     if isinstance(value, float):
-        return f"{value:g}"
+        return f"{value:g}" if float(f"{value:g}") == value else repr(value)
     return str(value)
 
 
@@ -149,6 +156,50 @@ def _write_overrides(point: Point, config: str) -> None:
         path.write_text(json.dumps(record, indent=1))
 
 
+def _flat(d: Any, prefix: str = "") -> dict:
+    if not isinstance(d, dict):
+        return {prefix[:-1]: d}
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}."))
+    return out
+
+
+def stale_fields(workdir: Path, identity: dict) -> list[str]:
+    """The fields where ``<workdir>/run.json`` differs from ``identity`` (the resolved config, as
+    the trainer records it), as ``'train.steps: 60 on disk, 80 now'``; ``[]`` if they agree or
+    there is no ``run.json`` yet.
+
+    Only the identity's fields are compared: what ``run.json`` records besides them (versions,
+    data digests) is the trainer's to check. An unreadable ``run.json`` is one difference.
+    """
+    path = Path(workdir) / "run.json"
+    if not path.exists():
+        return []
+    try:
+        disk = _flat(json.loads(path.read_text()))
+    except (OSError, ValueError) as e:
+        return [f"run.json unreadable ({e})"]
+    now = _flat(json.loads(json.dumps(identity, default=str)))
+    missing = object()
+    return [f"{k}: {'absent' if disk.get(k, missing) is missing else repr(disk[k])} on disk, "
+            f"{v!r} now" for k, v in now.items() if disk.get(k, missing) != v]
+
+
+def outcome(returncode: int, has_summary: bool, stopping: bool) -> str:
+    """``'done'``, ``'interrupted'`` (resumable) or ``'failed'``: how a point's process ended.
+
+    Exit 0 without a summary is the trainer's checkpoint-and-stop; exit -15 (SIGTERM's default
+    action) after the sweep itself was told to stop is a point the forwarded SIGTERM caught
+    before its handler was installed (start-up), which resumes like any other.
+    """
+    if returncode == 0:
+        return "done" if has_summary else "interrupted"
+    if stopping and returncode == -signal.SIGTERM:
+        return "interrupted"
+    return "failed"
+
+
 def _die_with_parent() -> None:
     """In the child: receive SIGTERM (checkpoint and stop) if the sweep process dies (Linux)."""
     try:
@@ -194,23 +245,32 @@ class _StopRequest:
 
 def run_sweep(config: str, plan: Sequence[Point], *, extra_flags: Sequence[str] = (),
               parallel: int = 1, validate: Callable[[dict], Any] | None = None,
-              env: dict | None = None, log: Callable[[str], None] = print,
-              poll_seconds: float = 0.2) -> SweepResult:
+              identity: Callable[[dict], dict] | None = None, env: dict | None = None,
+              log: Callable[[str], None] = print, poll_seconds: float = 0.2) -> SweepResult:
     """Runs the points not yet complete, at most ``parallel`` at a time; returns the outcomes.
 
     ``validate(overrides)`` (e.g. ``apply_overrides`` on the config) runs first for every point; a
-    point it rejects is a failure and is not launched, the others still run. The run's output
-    goes to ``<point>/train.log``; a non-zero exit is a failure reported with the log's tail.
+    point it rejects is a failure and is not launched, the others still run. ``identity(overrides)``
+    is the point's resolved config as the trainer records it in ``run.json``; a point whose
+    ``run.json`` differs from it is a failure naming the fields (``stale_fields``), complete or
+    not. The run's output goes to ``<point>/train.log``; a non-zero exit is a failure reported with
+    the log's tail (``outcome``).
     """
     result, queue = SweepResult(), []
     for point in plan:
-        if (point.workdir / "summary.json").exists():
-            log(f"[skip] {point.name}: complete ({point.workdir / 'summary.json'})")
-            result.skipped.append(point.name)
-            continue
         try:
             if validate is not None:
                 validate(point.overrides)
+            stale = stale_fields(point.workdir, identity(point.overrides)) if identity else []
+            if stale:
+                raise ValueError(
+                    f"{point.workdir / 'run.json'} records another config ({'; '.join(stale[:4])}"
+                    f"{'; ...' if len(stale) > 4 else ''}); use a new --workdir, or the flags "
+                    "of the first run to resume it")
+            if (point.workdir / "summary.json").exists():
+                log(f"[skip] {point.name}: complete ({point.workdir / 'summary.json'})")
+                result.skipped.append(point.name)
+                continue
             _write_overrides(point, config)
         except Exception as e:  # noqa: BLE001 -- any bad point is reported, the rest still run
             reason = f"{type(e).__name__}: {e}".replace("\n", " ")
@@ -241,11 +301,14 @@ def run_sweep(config: str, plan: Sequence[Point], *, extra_flags: Sequence[str] 
                     continue
                 del running[name]
                 point, seconds = by_name[name], time.time() - began[name]
-                if proc.returncode == 0 and (point.workdir / "summary.json").exists():
+                end = outcome(proc.returncode, (point.workdir / "summary.json").exists(),
+                              stop.requested)
+                if end == "done":
                     log(f"[done] {name} in {seconds:.0f} s")
                     result.done.append(name)
-                elif proc.returncode == 0:
-                    log(f"[stopped] {name}: checkpointed; rerun the sweep to resume it")
+                elif end == "interrupted":
+                    log(f"[stopped] {name}: {'checkpointed' if proc.returncode == 0 else 'SIGTERM'}"
+                        "; rerun the sweep to resume it")
                     result.interrupted.append(name)
                 else:
                     reason = (f"exit code {proc.returncode}; see {point.workdir / 'train.log'}:\n"

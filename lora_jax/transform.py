@@ -44,6 +44,11 @@ class LoraSpec:
         a user's registered method) or a registered name with default hyperparameters.
       rslora: use alpha/√r scaling.
       modules_to_save: regexes of (non-adapted) parameters trained fully, as a delta on the base.
+      tie_head: a LoRA on an embedding table that the LM head shares (``nn.Embed.attend``, e.g.
+        GPT-2's ``wte``) also adapts the head (True, the default: factored == merged, PEFT's
+        ``ensure_weight_tying=True``), or leaves the head on the base table (False: PEFT's
+        default). With False, merging the table changes the head too, so export such a model
+        with an untied head (``lj.interop.save_hf`` for Llama) or keep the adapter factored.
     """
 
     rank: int = 8
@@ -54,6 +59,7 @@ class LoraSpec:
     method: Any = "lora"
     rslora: bool = False
     modules_to_save: tuple = ()
+    tie_head: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "method", methods.make(self.method))
@@ -128,6 +134,8 @@ def init_adapters(
             kernel = quant.dequantize(kernel, kernel.dtype)
         out[t.path] = spec.method.init(k, kernel, layout, t.rank, spec.scale(t.rank, t.alpha),
                                        spec.dropout)
+        if layout.kind == "embed" and not spec.tie_head:
+            out[t.path] = dataclasses.replace(out[t.path], tied_head=False)
     if spec.modules_to_save:
         saved = rules.match_rules(sorted(flat), rules.as_rules(spec.modules_to_save),
                                   what="modules_to_save pattern")
@@ -149,6 +157,9 @@ def trace_layouts(model: nn.Module, params: Mapping[str, Any], *args, **kwargs) 
     beyond what the layer sees. Quantised kernels are traced at their logical shape. Returns
     ``{path: Layout}``.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"trace_layouts traces a linen module, got {type(model).__name__}; for an "
+                        "NNX model use layouts=lj.nnx.layouts(model)")
     found: dict[str, layers.Layout] = {}
 
     def record(next_fun, call_args, call_kwargs, context):
@@ -221,7 +232,8 @@ def _intercept(next_fun, args, kwargs, context):
         base = module.clone(parent=None)
         next_fun = lambda *a, **k: base.apply({"params": dense}, *a, method=context.method_name,
                                              **k)
-    if context.method_name == "attend" and name and module.has_variable("lora", name):
+    if (context.method_name == "attend" and name and module.has_variable("lora", name)
+            and module.get_variable("lora", name).tied_head):
         # A tied LM head reads the adapted table, so factored == merged holds for it too.
         adapter = module.get_variable("lora", name)
         table = module.get_variable("params", name) if dense is None else dense[name]
@@ -272,6 +284,7 @@ def apply(
     *args,
     train: bool = False,
     task_ids: jax.Array | None = None,
+    adapter_ids: jax.Array | None = None,
     rngs: Any = None,
     **kwargs,
 ):
@@ -284,13 +297,16 @@ def apply(
       *args, **kwargs: passed to ``model.apply`` (e.g. tokens, ``deterministic=``, ``method=``).
       train: enables adapter dropout (needs a 'dropout' rng in ``rngs``).
       task_ids: int array (batch,) for methods that route per example (MTL-LoRA).
+      adapter_ids: int array (batch,): each example's slot in a bank (``lj.stack_adapters``),
+        -1 = base only.
       rngs: Flax rngs for ``model.apply``.
     Returns:
       Whatever ``model.apply`` returns.
     """
     low, saved = _partition_saved(adapters)
     params = _add_saved(_unbox(params), saved) if saved else _unbox(params)
-    with _context(Ctx(train=train, task_ids=task_ids)), nn.intercept_methods(_intercept):
+    with _context(Ctx(train=train, task_ids=task_ids, adapter_ids=adapter_ids)), \
+            nn.intercept_methods(_intercept):
         return model.apply({"params": params, "lora": low}, *args, rngs=rngs, **kwargs)
 
 

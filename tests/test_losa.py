@@ -195,3 +195,47 @@ def test_resumed_losa_run_reproduces_losses(tmp_path, monkeypatch):
     summary = train_and_evaluate(cfg, tmp_path / "resumed")
     assert _losses(tmp_path / "resumed") == _losses(tmp_path / "straight")
     assert len(summary["losa"]) == 3
+
+
+def test_reference_options_cap_ranks_and_freeze_earlier_zeros():
+    """variant=reference: ranks capped at rank_cap (the reference slices lora_A[:rank] of r = 8
+    adapters), and masks from W != 0, so entries that were zero stay frozen."""
+    model, params, adapters, tokens, layouts = _setup(rank=8)
+    blocks, x0 = sm.capture_blocks(model, params, tokens)
+    dense = sm.run_blocks(blocks, params, x0)[1:]
+    opts = sch.LosaOptions(target=0.7, iterations=2, rank_start=6, rank_step=4, rank_cap=5,
+                           mask_from="nonzero")
+    new_params, new_adapters, info = sch.losa_iteration(params, adapters, x0, blocks, layouts,
+                                                        dense, 2, opts)
+    assert max(info["ranks"]) == 5 and info["mean_rank"] == 8
+    old = rules.flatten(params)
+    for path, a in rules.flatten(new_adapters).items():
+        assert int(jnp.sum(a.state["rank_mask"])) <= 5
+        assert not bool(jnp.any(a.state["mask"] & (old[path] == 0)))  # earlier zeros frozen
+
+
+def test_beta_does_not_change_the_exact_lp_allocation():
+    importance = np.array([0.3, 0.9, 0.5, 0.7])
+    from lora_jax.sparsity import losa
+
+    rates = [losa.allocate_sparsity(np.exp(-b * importance), 0.6, 0.05) for b in (0.5, 1, 100)]
+    for r in rates[1:]:
+        np.testing.assert_allclose(r, rates[0], atol=1e-9)
+
+
+def test_bf16_base_keeps_a_tiny_delta():
+    """W + s·Δ rounded to bf16 loses a delta far below |W|'s rounding step; the sparse method
+    keeps the base and delta products apart, so the delta still changes the output."""
+    kernel = jnp.full((16, 8), 4.0, jnp.bfloat16)
+    layout = lj.layers.dense_layout((16, 8), 1)
+    method = lj.methods.losa()
+    a = method.init(jax.random.key(0), kernel, layout, 2, 1.0, 0.0)
+    signs = jnp.where(jnp.arange(16) % 2 == 0, 1.0, -1.0)
+    x = jnp.broadcast_to(signs, (3, 16)).astype(jnp.bfloat16)  # x·W = 0 exactly
+    a = dataclasses.replace(a, params={"a": 1e-3 * jnp.stack([signs, signs], -1),
+                                       "b": jnp.full((2, 8), 1e-2)})  # x·s·A B = 3.2e-4
+    y = x @ kernel
+    out = method.output(y, x, a, kernel, None, None, lj.Ctx())
+    np.testing.assert_allclose(out.astype(jnp.float32), 3.2e-4, rtol=1e-2)
+    w_plus = (kernel.astype(jnp.float32) + 2e-5).astype(jnp.bfloat16)  # what one matmul would see
+    assert bool(jnp.all(w_plus == kernel))

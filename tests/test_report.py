@@ -1,5 +1,7 @@
 """Reports: the table's values from fixture runs with known numbers, valid PNG plots, axes from
-overrides.json or run.json, and missing / corrupt files named while the other runs still report."""
+overrides.json or run.json, missing / corrupt files named while the other runs still report,
+missing optional values blank, a terminal table within 100 columns, no plot against a confounded
+axis, seeds averaged (mean ± std), and one colour per series across figures."""
 
 import csv
 import json
@@ -17,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def make_run(workdir: Path, *, overrides=None, rank=4, loss=1.5, acc=(0.5, 0.25), run_json=None):
+def make_run(workdir: Path, *, overrides=None, rank=4, loss=1.5, acc=(0.5, 0.25), run_json=None,
+             drop=()):
     workdir.mkdir(parents=True)
     summary = {"method": "lora", "model": "gpt2/tiny", "trainable_params": 1000 * rank,
                "total_params": 100000, "steps": 20, "train_seconds": 2.5,
@@ -25,6 +28,7 @@ def make_run(workdir: Path, *, overrides=None, rank=4, loss=1.5, acc=(0.5, 0.25)
                "base_eval_loss": 3.0, "base_accuracy": {"a": 0.0, "b": 0.0, "mean": 0.0},
                "accuracy": {"a": acc[0], "b": acc[1], "mean": sum(acc) / 2},
                "tokens_per_sec": 12345.6}
+    summary = {k: v for k, v in summary.items() if k not in drop}
     (workdir / "summary.json").write_text(json.dumps(summary))
     lines = [{"step": s, "split": "train", "loss": loss + 1.0 / s, "tokens_per_sec": 1.0}
              for s in range(1, 21)] + [{"step": s, "split": "eval", "loss": loss + 0.5 / s,
@@ -104,7 +108,7 @@ def test_bad_files_are_named_and_the_rest_still_report(tmp_path):
     joined = "\n".join(warnings)
     bad_json = tmp_path / "rank=1_targets=qv" / "summary.json"
     assert f"{bad_json}: unreadable or not valid JSON" in joined
-    assert (f"{tmp_path / 'rank=4_targets=qv' / 'summary.json'}: lacks trainable_params, steps"
+    assert (f"{tmp_path / 'rank=4_targets=qv' / 'summary.json'}: lacks final_eval_loss; left out"
             in joined)
     assert (f"{tmp_path / 'rank=1_targets=all' / 'summary.json'}: missing (the run is unfinished "
             "or failed)") in joined
@@ -130,7 +134,11 @@ def test_cli_prints_the_table_and_reports_bad_runs(tmp_path):
                            f"--out={tmp_path / 'out'}"], cwd=ROOT, env=env, capture_output=True,
                           text=True)
     assert proc.returncode == 0, proc.stderr
-    assert "| rank=4_targets=all | 4 | all | lora | 20 | 4,000 | 1.2000 |" in proc.stdout
+    assert ("rank  targets  method  steps  params    loss    acc      a      b  base acc   "
+            "tok/s  sec") in proc.stdout
+    assert ("   4  all      lora       20   4,000  1.2000  0.750  1.000  0.500     0.000  "
+            "12,346  2.5") in proc.stdout
+    assert max(len(line) for line in proc.stdout.split("\nwrote ")[0].splitlines()) <= 100
     assert "rank=1_targets=qv/summary.json: unreadable or not valid JSON" in proc.stderr
     assert_png(tmp_path / "out" / "vs_rank.png")
     empty = subprocess.run([sys.executable, "-m", "experiments.report", str(tmp_path / "none")],
@@ -144,3 +152,88 @@ def test_a_swept_method_is_one_column(tmp_path):
     columns, rows = report.table(report.load_runs(tmp_path))
     assert columns.count("method") == 1 and columns[:3] == ["run", "method", "steps"]
     assert [r[:2] for r in rows] == [["dora", "dora"], ["lora", "lora"]]
+
+
+def test_a_missing_optional_value_is_blank_not_a_dropped_run(tmp_path):
+    make_run(tmp_path / "a", overrides={"adapter.rank": 1}, rank=1, drop=("tokens_per_sec",))
+    make_run(tmp_path / "b", overrides={"adapter.rank": 2}, rank=2, drop=("accuracy", "steps"))
+    warnings = []
+    runs = report.load_runs(tmp_path, warn=warnings.append)
+    assert [r.name for r in runs] == ["a", "b"] and warnings == []
+    out = report.write_report(runs, tmp_path / "out")
+    columns, rows = out["table"]
+    assert rows[0][columns.index("tokens/s")] is None and rows[0][columns.index("acc a")] == 0.5
+    assert rows[1][columns.index("steps")] is None and rows[1][columns.index("acc (mean)")] is None
+    md = out["markdown"].splitlines()
+    assert md[2].endswith("| 0.000 |  | 2.5 |")  # tokens/s blank
+    assert "\n1,000" not in out["text"] and len(out["text"].splitlines()) == 4
+    assert (tmp_path / "out" / "report.csv").read_text().splitlines()[1].endswith(",0.0,,2.5")
+
+
+def _methods_fixture(root: Path, seeds=(0,)):
+    """A methods sweep: lr is set by the method (confounded), init varies within LoRA."""
+    losses = {("lora", "default"): 1.2, ("dora", "default"): 1.1, ("lora", "pissa"): 1.0,
+              ("full", "default"): 0.9}
+    for (method, init), loss in losses.items():
+        for seed in seeds:
+            overrides = {"method": method, "adapter.init": init,
+                         "optim.lr": 1e-3 if method == "full" else 3e-3}
+            if len(seeds) > 1:
+                overrides["seed"] = seed
+            make_run(root / f"{method}_{init}_{seed}", overrides=overrides,
+                     loss=loss + 0.1 * seed, acc=(0.5 + 0.1 * seed, 0.25))
+
+
+def test_confounded_axes_get_no_plot(tmp_path):
+    _methods_fixture(tmp_path)
+    runs = report.load_runs(tmp_path)
+    assert report.plottable_axes(runs) == ["method", "adapter.init"]
+    assert report.label_axes(runs) == ["method", "adapter.init"]  # lr follows from them
+    report.write_report(runs, tmp_path / "out", title="methods")
+    names = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
+    assert names == ["loss_curves.png", "vs_init.png", "vs_method.png"]
+
+
+def test_terminal_table_fits_100_columns(tmp_path):
+    _methods_fixture(tmp_path)
+    for p in tmp_path.glob("*/summary.json"):  # long task names widen the table past 100
+        s = json.loads(p.read_text())
+        s["accuracy"] = {"digits_reverse_long": 0.5, "kv_recall_long_name": 0.25, "mean": 0.375}
+        p.write_text(json.dumps(s))
+    runs = report.load_runs(tmp_path)
+    out = report.write_report(runs, tmp_path / "out")
+    lines = out["text"].splitlines()
+    assert max(map(len, lines)) <= 100, out["text"]
+    assert lines[0].split()[:3] == ["method", "init", "lr"]  # the run column is left out
+    assert lines[-1].startswith("(left out here: kv_recall_long_name")
+    assert len(out["markdown"].splitlines()[0]) > 100  # report.md keeps every column
+
+
+def test_seeds_are_averaged_with_error_bars_never_a_line(tmp_path):
+    _methods_fixture(tmp_path, seeds=(0, 1, 2))
+    runs = report.load_runs(tmp_path)
+    assert "seed" not in report.plottable_axes(runs)
+    assert "seed" not in report.label_axes(runs)
+    table = report.seed_table(runs).splitlines()
+    assert table[0] == "| method | init | seeds | eval loss | acc (mean) |"
+    # lora/default: losses 1.2, 1.3, 1.4 -> 1.3 ± 0.1; mean acc (0.5 + 0.1 s + 0.25) / 2.
+    row = next(l for l in table if l.startswith("| lora | default |"))
+    assert row == "| lora | default | 3 | 1.3000 ± 0.1000 | 0.425 ± 0.050 |"
+    out = report.write_report(runs, tmp_path / "out", title="seeds")
+    assert "Mean ± std over seeds:" in (tmp_path / "out" / "report.md").read_text()
+    assert not (tmp_path / "out" / "vs_seed.png").exists()
+    assert_png(tmp_path / "out" / "vs_method.png")
+
+
+def test_one_colour_per_series_across_figures(tmp_path):
+    sweep_fixture(tmp_path)
+    runs = report.load_runs(tmp_path)
+    colours = report.Colours()
+    report.plot_loss_curves(runs, tmp_path / "a.png", "t", colours)
+    before = dict(colours.assigned)
+    assert sorted(before) == ["rank=1, targets=all", "rank=1, targets=qv", "rank=4, targets=all",
+                              "rank=4, targets=qv"]
+    assert len({tuple(c) for c in before.values()}) == 4
+    report.plot_axis(runs, "adapter.rank", "rank", tmp_path / "b.png", "t", colours)
+    assert {k: colours.assigned[k] for k in before} == before  # unchanged by the second figure
+    assert "targets=qv" in colours.assigned and colours("targets=qv") == colours("targets=qv")

@@ -1,4 +1,5 @@
-"""Sweeps: point names, launch commands, a sweep end to end with a bad point and a crashing point,
+"""Sweeps: point names, launch commands, points whose workdir holds another config refused by name,
+how a point's exit is classified, and a sweep end to end with a bad point and a crashing point,
 interrupted with SIGTERM mid-point and resumed without redoing the finished one."""
 
 import json
@@ -11,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from configs import common
 from lora_jax import sweep
+from lora_jax.train import Experiment, from_dict
+from lora_jax.train.trainer import _identity
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--config.base.source=init",
@@ -95,6 +99,63 @@ def test_colliding_sweep_fails_before_running_anything(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+def test_float_values_keep_their_precision():
+    assert sweep.format_value(3e-4) == "0.0003" and sweep.format_value(1 / 3) == repr(1 / 3)
+    assert float(sweep.format_value(0.1 + 0.2)) == 0.1 + 0.2
+
+
+@pytest.mark.parametrize("code,summary,stopping,expected", [
+    (0, True, False, "done"), (0, False, True, "interrupted"), (0, False, False, "interrupted"),
+    (-signal.SIGTERM, False, True, "interrupted"), (-signal.SIGTERM, False, False, "failed"),
+    (1, False, True, "failed"), (-signal.SIGKILL, False, True, "failed")])
+def test_outcome_of_a_point(code, summary, stopping, expected):
+    assert sweep.outcome(code, summary, stopping) == expected
+
+
+def test_stale_fields_name_what_differs(tmp_path):
+    assert sweep.stale_fields(tmp_path, {"train": {"steps": 60}}) == []  # no run.json yet
+    (tmp_path / "run.json").write_text(json.dumps(
+        {"train": {"steps": 60, "batch_size": 8}, "data": {"tasks": ["a", "b"]},
+         "recorded": {"jax": "0.10"}}))
+    same = {"train": {"steps": 60, "batch_size": 8}, "data": {"tasks": ("a", "b")}}
+    assert sweep.stale_fields(tmp_path, same) == []
+    assert sweep.stale_fields(tmp_path, {**same, "train": {"steps": 80, "batch_size": 8},
+                                         "seed": 1}) == ["train.steps: 60 on disk, 80 now",
+                                                         "seed: absent on disk, 1 now"]
+    (tmp_path / "run.json").write_text("")
+    assert sweep.stale_fields(tmp_path, same)[0].startswith("run.json unreadable")
+
+
+def _fake_done_point(workdir: Path, config: str, overrides: dict, flags: list[str]):
+    """A point's workdir as a finished run leaves it: run.json exactly as the trainer writes it."""
+    cfg = common.load_config(config)
+    for flag in flags:
+        key, _, value = flag[len("--config."):].partition("=")
+        cfg = common.apply_overrides(cfg, {key: value})
+    cfg = common.apply_overrides(cfg, overrides)
+    workdir.mkdir(parents=True)
+    (workdir / "run.json").write_text(json.dumps(_identity(from_dict(Experiment, cfg.to_dict()))))
+    (workdir / "summary.json").write_text("{}")
+
+
+def test_a_point_of_another_config_is_refused_not_skipped(tmp_path):
+    """The issue's case: the sweep rerun with another shared --config.train.steps."""
+    config = write_config(tmp_path / "c.py", [{"adapter.rank": 2}])
+    flags = ["--config.base.source=init", "--config.train.steps=60"]
+    _fake_done_point(tmp_path / "w" / "rank=2", config, {"adapter.rank": 2}, flags)
+    run = lambda *f: subprocess.run([sys.executable, "-m", "experiments.sweep",
+                                     f"--config={config}", f"--workdir={tmp_path / 'w'}", *f],
+                                    cwd=ROOT, env=ENV, capture_output=True, text=True)
+    same = run(*flags)
+    assert same.returncode == 0, same.stdout + same.stderr
+    assert "[skip] rank=2: complete" in same.stdout
+    other = run("--config.base.source=init", "--config.train.steps=80")
+    assert other.returncode != 0 and "[skip]" not in other.stdout
+    assert ("[fail] rank=2: ValueError: " f"{tmp_path / 'w' / 'rank=2' / 'run.json'} records "
+            "another config (train.steps: 60 on disk, 80 now); use a new --workdir") in other.stdout
+    assert "sweep: 0 done, 0 already complete, 0 unfinished, 1 failed" in other.stdout
+
+
 # ----------------------------------------------------------------------------- end to end
 
 
@@ -111,25 +172,28 @@ def _wait_for_lines(path: Path, n: int, proc, timeout: float = 240):
 def test_sweep_end_to_end_interrupted_and_resumed(tmp_path):
     """A done point, an unknown override, a point that crashes, and one SIGTERMed mid-run; the
     rerun skips the done point, resumes the interrupted one, and still lists the failures."""
+    # The interrupted point runs long enough (thousands of steps at a few hundred a second) that
+    # the SIGTERM, sent once it has logged its first step, lands inside its training loop.
     points = [{"adapter.rank": 2, "train.steps": 3},
               {"adapter.rank": 4, "adapter.rnak": 3},
               {"adapter.rank": 4, "adapter.targets": "no/such/kernel"},
-              {"adapter.rank": 8, "train.steps": 40}]
+              {"adapter.rank": 8, "train.steps": 2000}]
     config = write_config(tmp_path / "c.py", points)
     workdir = tmp_path / "w"
     first, bad, crash, last = (workdir / n for n in (
-        "rank=2_steps=3", "rank=4_rnak=3", "rank=4_targets=no-such-kernel", "rank=8_steps=40"))
+        "rank=2_steps=3", "rank=4_rnak=3", "rank=4_targets=no-such-kernel", "rank=8_steps=2000"))
 
     proc = subprocess.Popen(sweep_cmd(config, workdir), cwd=ROOT, env=ENV, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    _wait_for_lines(last / "metrics.jsonl", 5, proc)
+    _wait_for_lines(last / "metrics.jsonl", 1, proc)
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode != 0, out
-    assert "[fail] rank=4_rnak=3: KeyError: \"override 'adapter.rnak': no such field\"" in out
+    assert ("[fail] rank=4_rnak=3: KeyError: \"override 'adapter.rnak': no such field; did you "
+            "mean 'adapter.rank'?\"") in out
     assert f"[fail] rank=4_targets=no-such-kernel: exit code 1; see {crash / 'train.log'}" in out
-    assert "[stopped] rank=8_steps=40" in out
-    assert "rank=8_steps=40: unfinished (rerun to resume)" in out
+    assert "[stopped] rank=8_steps=2000: checkpointed" in out  # in the loop, not at start-up
+    assert "rank=8_steps=2000: unfinished (rerun to resume)" in out
     assert (first / "summary.json").exists() and not (last / "summary.json").exists()
     assert not bad.exists()
     assert json.loads((last / "overrides.json").read_text())["overrides"] == points[3]
@@ -139,12 +203,13 @@ def test_sweep_end_to_end_interrupted_and_resumed(tmp_path):
                            text=True, capture_output=True)
     assert rerun.returncode != 0
     assert "[skip] rank=2_steps=3: complete" in rerun.stdout
-    assert "resume rank=8_steps=40" in rerun.stdout and "[done] rank=8_steps=40" in rerun.stdout
+    assert "resume rank=8_steps=2000" in rerun.stdout
+    assert "[done] rank=8_steps=2000" in rerun.stdout
     assert "sweep: 1 done, 1 already complete, 0 unfinished, 2 failed" in rerun.stdout
     assert "rank=4_rnak=3" in rerun.stderr and "unfinished" not in rerun.stderr
     assert (first / "summary.json").stat().st_mtime_ns == done_at
     assert "resuming from step" in (last / "train.log").read_text()
     steps = [json.loads(l)["step"] for l in (last / "metrics.jsonl").read_text().splitlines()
              if json.loads(l)["split"] == "train"]
-    assert steps == list(range(1, 41))
-    assert json.loads((last / "summary.json").read_text())["steps"] == 40
+    assert steps == list(range(1, 2001))
+    assert json.loads((last / "summary.json").read_text())["steps"] == 2000

@@ -421,3 +421,15 @@ def test_method_arguments_are_typed_and_checked():
         lj.LoraSpec(method="doro")
     with pytest.raises(ValueError, match="reserved for full fine-tuning"):
         lj.methods.register("full", lj.methods.LoRA)
+
+
+def test_modules_to_save_keeps_a_tiny_delta_over_a_bf16_base():
+    model = nn.Dense(4, param_dtype=jnp.bfloat16)
+    x = jnp.zeros((2, 3), jnp.float32)
+    params = model.init(jax.random.key(0), x)["params"]
+    params = {**params, "bias": jnp.full((4,), 4.0, jnp.bfloat16)}
+    spec = lj.LoraSpec(rank=1, targets=("kernel",), modules_to_save=("bias",))
+    adapters = lj.init_adapters(params, spec, jax.random.key(1))
+    adapters["bias"] = dataclasses.replace(adapters["bias"], params={"w": jnp.full((4,), 1e-3)})
+    y = lj.apply(model, params, adapters, x)
+    np.testing.assert_allclose(y, 4.001, rtol=1e-6)  # 4 + 1e-3 rounds to 4 in bf16

@@ -37,6 +37,8 @@ class Adapter:
       scale: the adapter scale s (alpha/r, or alpha/sqrt(r) for rsLoRA).
       layout: static kernel layout (axes, stacked axes, einsum strings).
       dropout: dropout rate on the adapter branch's input.
+      tied_head: for an embedding table that an LM head shares (``nn.Embed.attend``): whether the
+        head reads the adapted table (PEFT's ``ensure_weight_tying=True``) or the base one.
     """
 
     params: dict[str, Any]
@@ -45,6 +47,7 @@ class Adapter:
     scale: float = dataclasses.field(metadata=dict(static=True))
     layout: Layout = dataclasses.field(metadata=dict(static=True))
     dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
+    tied_head: bool = dataclasses.field(default=True, metadata=dict(static=True))
 
     @property
     def rank(self) -> int:
@@ -60,6 +63,7 @@ class Ctx:
 
     train: bool = False
     task_ids: Any = None
+    adapter_ids: Any = None  # (batch,) bank slots for methods/bank.py, -1 = base only
 
     def dropout_active(self, adapter: Adapter) -> bool:
         """Whether the adapter branch's input ``x`` was dropped out (so differs from the base's)."""
@@ -260,7 +264,8 @@ def methods_of(adapters) -> list[Method]:
     return list(seen)
 
 
-from lora_jax.methods.dora import DoRA  # noqa: E402  (the registry is filled at import)
+from lora_jax.methods.bank import Bank  # noqa: E402  (the registry is filled at import)
+from lora_jax.methods.dora import DoRA  # noqa: E402
 from lora_jax.methods.lora import LoRA  # noqa: E402
 from lora_jax.methods.mtl import MTL  # noqa: E402
 from lora_jax.methods.multi import MultiLoRA, PerTask  # noqa: E402
@@ -269,6 +274,9 @@ from lora_jax.methods.sparse import LoSA  # noqa: E402
 
 # Factories under their registered names: lj.methods.lora(...), lj.methods.mtl(num_tasks=4).
 lora, dora, mtl, per_task, multilora, losa = LoRA, DoRA, MTL, PerTask, MultiLoRA, LoSA
-for _m in (LoRA, DoRA, MTL, PerTask, MultiLoRA, LoSA, Saved):
+for _m in (LoRA, DoRA, MTL, PerTask, MultiLoRA, LoSA, Saved, Bank):
     register(_m.name, _m)
 del _m
+from lora_jax.methods.vera import VeRA as vera; register("vera", vera)  # noqa
+from lora_jax.methods.lora_fa import LoRAFA as lora_fa; register("lora_fa", lora_fa)  # noqa
+from lora_jax.methods.adalora import AdaLoRA as adalora; register("adalora", adalora)  # noqa

@@ -47,12 +47,17 @@ def output(y, x, adapter: Adapter, kernel, bias, module, ctx: Ctx):
     contract = f"{x_spec},{ins}{outs}->{y_spec}"
     dropped = ctx.dropout_active(adapter)  # then x differs from the base layer's input
 
+    low_precision = jnp.dtype(y.dtype).itemsize < 4
+
     def adapted(x, params, state, kernel):
         d = masked_delta(adapter, params, state)
         if dropped:
             return jnp.einsum(contract, x, d.astype(x.dtype))
-        w = layers.to_canonical(adapter.layout, kernel.astype(jnp.float32)) + d
-        return jnp.einsum(contract, x, w.astype(x.dtype))
+        w = layers.to_canonical(adapter.layout, kernel.astype(jnp.float32))
+        if low_precision:  # W + s·Δ rounded to bf16 would lose Δ against |W|: keep them apart
+            return (jnp.einsum(contract, x, w.astype(x.dtype)).astype(jnp.float32)
+                    + jnp.einsum(contract, x, d.astype(x.dtype)).astype(jnp.float32))
+        return jnp.einsum(contract, x, (w + d).astype(x.dtype))
 
     if adapter.method.remat:
         adapted = jax.checkpoint(adapted)
@@ -73,6 +78,16 @@ class LoSA(Method):
     r_max everywhere), ``masked`` (adapters masked by the base's sparsity; False: plain LoRA on
     the pruned base), ``calib_samples`` (calibration sequences from the training set), ``remat``
     (recompute the masked product in the backward pass).
+
+    Deviations from the reference code (wzhuang-xmu/LoSA), each an option whose reference value
+    ``configs/losa.py:variant=reference`` sets: ``rank_cap`` (the reference builds r = 8 adapters
+    and slices ``lora_A[:rank]``, so every allocated rank above 8 is capped at 8; 0 here = no
+    cap, ranks up to r_max), ``mask_from`` ('pruner': the pruner's keep-mask, so an adapter may
+    regrow an earlier zero when a layer's rate drops; 'nonzero': the reference's ``W != 0``, so
+    earlier zeros stay frozen), and the adapter dropout (0.1 in the reference, ``adapter.dropout``
+    here, default 0). ``beta`` does not change the result: the exact LP's solution depends only
+    on the order of the importances, which ``exp(-beta * r)`` keeps for every beta > 0 (the
+    reference's inexact SLSQP solve is where its beta = 100 matters); it is kept for the record.
     """
 
     name: ClassVar[str] = "losa"
@@ -89,9 +104,16 @@ class LoSA(Method):
     calib_samples: int = 64
     init_weights: str = "default"
     remat: bool = True
+    rank_cap: int = 0
+    mask_from: str = "pruner"
 
     def __post_init__(self):
         super().__post_init__()
+        if self.mask_from not in ("pruner", "nonzero"):
+            raise ValueError(f"losa: mask_from must be 'pruner' or 'nonzero', got "
+                             f"{self.mask_from!r}")
+        if self.rank_cap < 0:
+            raise ValueError(f"losa: rank_cap must be >= 0 (0: no cap), got {self.rank_cap}")
         if not 0.0 <= self.target < 1.0:
             raise ValueError(f"losa: target sparsity must be in [0, 1), got {self.target}")
         if self.pruner not in ("magnitude", "wanda", "sparsegpt"):

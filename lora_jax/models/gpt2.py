@@ -7,6 +7,12 @@ contract with the LoRA target presets and the Hugging Face loader (`lora_jax.mod
 `wte`, `wpe`, `h_{i}` (or a scanned `h`) / `ln_1`, `attn/c_attn`, `attn/c_proj`, `ln_2`,
 `mlp/c_fc`, `mlp/c_proj`, and `ln_f`; the LM head is tied to `wte`. Checkpoint loading,
 adapters and training live elsewhere.
+
+Decoding: called with `cache=` (from `init_cache`), the model writes the new keys and values at
+slot `cache_index` of a fixed-size per-layer KV cache and returns `(logits, cache)`; `positions`
+(batch, seq) and `kv_mask` (batch, slots) let left-padded batches keep their own positions and
+hide their pad slots. The mask helper `attention_mask` and the cache plumbing of the layer stack
+are shared with `llama.py`. The generation loop itself lives in `lora_jax.generate`.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 Dtype = Any
@@ -96,6 +103,51 @@ def causal_mask(seq_len: int):
     return jnp.tril(jnp.ones((seq_len, seq_len), dtype=bool))[None, None]
 
 
+def attention_mask(seq_len: int, kv_mask=None, cache_index=None, n_slots: int | None = None):
+    """The attention mask for `seq_len` queries written at slots `cache_index + arange(seq_len)`.
+
+    Args:
+      seq_len: number of query tokens in this call.
+      kv_mask: bool (batch, n_slots), False at pad slots; None: every slot is valid.
+      cache_index: int scalar array, the slot of the first query (None: 0, no cache).
+      n_slots: number of key slots (the cache length; default `seq_len`).
+    Returns:
+      bool (1 or batch, 1, seq_len, n_slots): query i may see key slot j <= its own slot.
+    """
+    if kv_mask is None and cache_index is None:
+        return causal_mask(seq_len)
+    n_slots = seq_len if n_slots is None else n_slots
+    start = 0 if cache_index is None else cache_index
+    q_slot = start + jnp.arange(seq_len)
+    mask = (jnp.arange(n_slots)[None, :] <= q_slot[:, None])[None, None]
+    if kv_mask is not None:
+        mask = mask & kv_mask[:, None, None, :].astype(bool)
+    return mask
+
+
+def update_cache(layer_cache, k, v, cache_index):
+    """Writes k, v (batch, seq, kv_heads, head_dim) at slot `cache_index` of one layer's cache
+    `{'k', 'v'}` (batch, n_slots, kv_heads, head_dim); returns the new cache and its full k, v."""
+    at = (0, cache_index, 0, 0)
+    k_all = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), at)
+    v_all = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), at)
+    return {"k": k_all, "v": v_all}, k_all, v_all
+
+
+def make_cache(n_layers: int, batch: int, n_slots: int, kv_heads: int, head_dim: int, dtype):
+    """A zero KV cache `{'k', 'v'}`, each (n_layers, batch, n_slots, kv_heads, head_dim)."""
+    shape = (n_layers, batch, n_slots, kv_heads, head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def init_cache(cfg: GPT2Config, batch: int, n_slots: int):
+    """A zero KV cache for `cfg`: `{'k', 'v'}`, each (n_layers, batch, n_slots, heads, head_dim)."""
+    if n_slots > cfg.n_positions:
+        raise ValueError(f"GPT2: a cache of {n_slots} slots exceeds n_positions={cfg.n_positions}; "
+                         "generate fewer tokens or shorten the prompt.")
+    return make_cache(cfg.n_layers, batch, n_slots, cfg.n_head, cfg.head_dim, cfg.dtype)
+
+
 class GPT2Attention(nn.Module):
     """Causal multi-head self-attention: (batch, seq, d_model) -> (batch, seq, d_model)."""
 
@@ -103,8 +155,10 @@ class GPT2Attention(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, cache=None, side=None):
+        """`side` = (mask, positions, cache_index) from the model; returns (out, layer cache)."""
         cfg = self.cfg
+        mask, _, cache_index = side if side is not None else (causal_mask(x.shape[1]), None, None)
         qkv = nn.DenseGeneral(
             features=(3, cfg.n_head, cfg.head_dim),
             dtype=cfg.dtype,
@@ -114,10 +168,12 @@ class GPT2Attention(nn.Module):
             name="c_attn",
         )(x)  # (batch, seq, 3, heads, head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        if cache is not None:
+            cache, k, v = update_cache(cache, k, v, cache_index)
         use_dropout = not self.deterministic and cfg.dropout_rate > 0.0
         out = nn.dot_product_attention(
             q, k, v,
-            mask=causal_mask(x.shape[1]),
+            mask=mask,
             dropout_rng=self.make_rng("dropout") if use_dropout else None,
             dropout_rate=cfg.dropout_rate,
             deterministic=not use_dropout,
@@ -132,7 +188,7 @@ class GPT2Attention(nn.Module):
             kernel_init=_dense_init("heads", "kv", "embed"),
             bias_init=_zeros("embed"),
             name="c_proj",
-        )(out)
+        )(out), cache
 
 
 class GPT2MLP(nn.Module):
@@ -159,26 +215,30 @@ class GPT2MLP(nn.Module):
 
 
 class GPT2Block(nn.Module):
-    """Pre-LN transformer block. Returns `(x, None)` so the same block works under `nn.scan`."""
+    """Pre-LN transformer block. Returns `(x, new layer cache)` so it works under `nn.scan`."""
 
     cfg: GPT2Config
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, _=None):
+    def __call__(self, x, cache=None, side=None):
         cfg = self.cfg
         drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
-        h = GPT2Attention(cfg, self.deterministic, name="attn")(_layer_norm(cfg, "ln_1")(x))
+        h, cache = GPT2Attention(cfg, self.deterministic, name="attn")(
+            _layer_norm(cfg, "ln_1")(x), cache, side)
         x = x + drop(h)
         h = GPT2MLP(cfg, name="mlp")(_layer_norm(cfg, "ln_2")(x))
-        return x + drop(h), None
+        return x + drop(h), cache
 
 
 def build_layer_stack(block_cls, cfg, *, deterministic: bool, prefix: str):
-    """Returns a callable x -> x applying `cfg.n_layers` blocks, scanned or as `{prefix}_{i}`.
+    """Returns `(x, cache, side) -> (x, cache)` applying `cfg.n_layers` blocks, scanned or as
+    `{prefix}_{i}`.
 
     Shared by GPT-2 and Llama; must be called inside a compact `__call__`. With `cfg.scan_layers`
-    the params of all layers are stacked on axis 0 of one submodule named `prefix`.
+    the params of all layers are stacked on axis 0 of one submodule named `prefix`. `cache` is
+    None or `{'k', 'v'}` with the layer axis first (sliced per layer, restacked on the way out);
+    `side` is what every layer shares (mask, positions, cache index), or None.
     """
     block = nn.remat(block_cls, prevent_cse=not cfg.scan_layers) if cfg.remat else block_cls
     if cfg.scan_layers:
@@ -186,29 +246,43 @@ def build_layer_stack(block_cls, cfg, *, deterministic: bool, prefix: str):
             block,
             variable_axes={"params": 0, "lora": 0},
             split_rngs={"params": True, "dropout": True},
+            in_axes=(0, nn.broadcast),
             metadata_params={nn.PARTITION_NAME: "layers"},
             length=cfg.n_layers,
         )(cfg, deterministic, name=prefix)
-        return lambda x: stack(x, None)[0]
+        return lambda x, cache=None, side=None: stack(x, cache, side)
     blocks = [block(cfg, deterministic, name=f"{prefix}_{i}") for i in range(cfg.n_layers)]
 
-    def apply(x):
-        for b in blocks:
-            x = b(x)[0]
-        return x
+    def apply(x, cache=None, side=None):
+        new = []
+        for i, b in enumerate(blocks):
+            layer = None if cache is None else jax.tree.map(lambda c: c[i], cache)
+            x, layer = b(x, layer, side)
+            new.append(layer)
+        if cache is None:
+            return x, None
+        return x, jax.tree.map(lambda *c: jnp.stack(c), *new)
 
     return apply
 
 
 class GPT2(nn.Module):
-    """GPT-2 language model: int32 tokens (batch, seq) -> float32 logits (batch, seq, vocab)."""
+    """GPT-2 language model: int32 tokens (batch, seq) -> float32 logits (batch, seq, vocab).
+
+    With `cache` (from `init_cache`) it returns `(logits, cache)`, the tokens' keys and values
+    written at slots `cache_index + arange(seq)`. `positions` (batch, seq) default to
+    `arange(seq)`; `kv_mask` (batch, slots) is False at pad slots (slots = seq without a cache).
+    """
 
     cfg: GPT2Config
 
     @nn.compact
-    def __call__(self, tokens, *, deterministic: bool = True):
+    def __call__(self, tokens, *, deterministic: bool = True, positions=None, kv_mask=None,
+                 cache=None, cache_index=None):
         cfg = self.cfg
         seq = tokens.shape[-1]
+        if cache is not None and cache_index is None:
+            raise ValueError("GPT2: decoding with a cache needs cache_index= (an int array)")
         if seq > cfg.n_positions:
             raise ValueError(
                 f"GPT2: sequence length {seq} exceeds n_positions={cfg.n_positions}; "
@@ -220,8 +294,12 @@ class GPT2(nn.Module):
         wte = embed(cfg.vocab_size, _dense_init("vocab", "embed"), "wte")
         wpe = embed(cfg.n_positions, nn.with_logical_partitioning(
             nn.initializers.normal(0.01), (None, "embed")), "wpe")
-        x = wte(tokens) + wpe(jnp.arange(seq))[None]
+        x = wte(tokens) + (wpe(jnp.arange(seq))[None] if positions is None else wpe(positions))
         x = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(x)
-        x = build_layer_stack(GPT2Block, cfg, deterministic=deterministic, prefix="h")(x)
+        n_slots = seq if cache is None else cache["k"].shape[2]
+        side = (attention_mask(seq, kv_mask, cache_index, n_slots), positions, cache_index)
+        x, cache = build_layer_stack(GPT2Block, cfg, deterministic=deterministic, prefix="h")(
+            x, cache, side)
         x = _layer_norm(cfg, "ln_f")(x)
-        return wte.attend(x).astype(jnp.float32)
+        logits = wte.attend(x).astype(jnp.float32)
+        return logits if cache is None else (logits, cache)

@@ -6,8 +6,9 @@ every HF tensor onto our parameter tree: GPT-2 `Conv1D` weights are already (in,
 `nn.Linear` weights are (out, in) and are transposed, and attention projections are reshaped into
 our multi-axis (`embed`, `heads`, `kv`) kernels. Missing, unexpected and mis-shaped tensors raise
 errors that name them. `stack_layers` / `unstack_layers` convert between the unscanned
-(`h_0..h_{L-1}`) and scanned (`h`, stacked on axis 0) layouts. Saving back to HF format and
-adapter (PEFT) files live in `lora_jax.interop`, not here.
+(`h_0..h_{L-1}`) and scanned (`h`, stacked on axis 0) layouts. The export direction
+(`config_to_hf`, `params_to_hf`) inverts the same key maps; writing files and adapter (PEFT)
+files live in `lora_jax.interop`, not here.
 """
 
 from __future__ import annotations
@@ -76,43 +77,100 @@ def _layer_names(params: dict, prefix: str) -> list[str]:
 # ----------------------------------------------------------------------------- configs
 
 
+_ARCHITECTURES = {"gpt2": ("GPT2LMHeadModel",), "llama": ("LlamaForCausalLM",)}
+
+
 def config_from_hf(hf: dict, **overrides) -> GPT2Config | LlamaConfig:
     """Builds our config from a parsed HF `config.json` dict (model_type 'gpt2' or 'llama').
 
+    Reads configs as transformers 4 and 5 write them (RoPE settings at the top level or in
+    `rope_parameters`). Anything our modules would silently compute differently is refused by
+    name: an unknown `model_type` or `architectures` entry, other RoPE types, biases Llama lacks.
     `overrides` set our own fields (`scan_layers`, `remat`, `dtype`, `param_dtype`, ...).
     """
     model_type = hf.get("model_type")
+    if model_type not in _ARCHITECTURES:
+        raise ValueError(f"config.json: unknown model_type {model_type!r}; supported: "
+                         f"{', '.join(repr(k) for k in _ARCHITECTURES)}.")
+    unknown = [a for a in hf.get("architectures") or () if a not in _ARCHITECTURES[model_type]]
+    if unknown:
+        raise ValueError(f"config.json: architectures {unknown} are not supported for model_type "
+                         f"{model_type!r}; supported: {list(_ARCHITECTURES[model_type])} (a "
+                         "causal LM head; other heads would load wrong or not at all).")
     if model_type == "gpt2":
-        n_inner = hf.get("n_inner")
-        if n_inner is not None and n_inner != 4 * hf["n_embd"]:
-            raise ValueError(f"config.json: n_inner={n_inner} is unsupported; GPT2 uses 4*n_embd.")
-        act = hf.get("activation_function", "gelu_new")
-        if act not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(f"config.json: activation_function={act!r} is unsupported; "
-                             "GPT2 uses the tanh GELU ('gelu_new').")
-        return GPT2Config(
-            vocab_size=hf["vocab_size"], n_positions=hf.get("n_positions", hf.get("n_ctx")),
-            d_model=hf["n_embd"],
-            n_layers=hf["n_layer"], n_head=hf["n_head"],
-            layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5), **overrides)
-    if model_type == "llama":
-        if hf.get("rope_scaling"):
-            raise ValueError(f"config.json: rope_scaling={hf['rope_scaling']} is unsupported; "
-                             "only plain RoPE (rope_scaling null) loads.")
-        head_dim = hf.get("head_dim")
-        if head_dim is not None and head_dim != hf["hidden_size"] // hf["num_attention_heads"]:
-            raise ValueError(f"config.json: head_dim={head_dim} != hidden_size // "
-                             "num_attention_heads is unsupported.")
-        if hf.get("attention_bias") or hf.get("mlp_bias"):
-            raise ValueError("config.json: attention_bias / mlp_bias are unsupported.")
-        return LlamaConfig(
-            vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
-            n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
-            n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-            d_ff=hf["intermediate_size"], max_seq_len=hf["max_position_embeddings"],
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=hf.get("rope_theta", 10000.0),
-            tie_embeddings=hf.get("tie_word_embeddings", False), **overrides)
-    raise ValueError(f"config.json: unknown model_type {model_type!r}; supported: 'gpt2', 'llama'.")
+        return _gpt2_config(hf, overrides)
+    return _llama_config(hf, overrides)
+
+
+def _gpt2_config(hf: dict, overrides: dict) -> GPT2Config:
+    n_inner = hf.get("n_inner")
+    if n_inner is not None and n_inner != 4 * hf["n_embd"]:
+        raise ValueError(f"config.json: n_inner={n_inner} is unsupported; GPT2 uses 4*n_embd.")
+    act = hf.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ValueError(f"config.json: activation_function={act!r} is unsupported; "
+                         "GPT2 uses the tanh GELU ('gelu_new').")
+    for key, want in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                      ("reorder_and_upcast_attn", False), ("tie_word_embeddings", True)):
+        if hf.get(key, want) != want:
+            raise ValueError(f"config.json: {key}={hf[key]!r} is unsupported; GPT2 here has "
+                             f"{key}={want}.")
+    return GPT2Config(
+        vocab_size=hf["vocab_size"], n_positions=hf.get("n_positions", hf.get("n_ctx")),
+        d_model=hf["n_embd"],
+        n_layers=hf["n_layer"], n_head=hf["n_head"],
+        layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5), **overrides)
+
+
+def rope_from_hf(hf: dict) -> tuple[float, tuple | None]:
+    """(rope_theta, llama3 scaling or None) from an HF Llama config, transformers 4 or 5.
+
+    transformers 5 writes `rope_parameters: {rope_theta, rope_type, ...}`; transformers 4 writes
+    `rope_theta` at the top level and `rope_scaling: {rope_type (or type), ...}` or null.
+    """
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if any(isinstance(v, dict) for v in rope.values()):
+        raise ValueError(f"config.json: per-layer-type RoPE parameters {rope} are unsupported.")
+    theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise ValueError(f"config.json: partial_rotary_factor={partial} is unsupported; "
+                         "Llama here rotates the whole head.")
+    if rope_type == "default":
+        return theta, None
+    if rope_type == "llama3":
+        missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor") if k not in rope]
+        if missing:
+            raise ValueError(f"config.json: llama3 RoPE parameters {rope} lack {missing}.")
+        original = rope.get("original_max_position_embeddings",
+                            hf.get("original_max_position_embeddings",
+                                   hf["max_position_embeddings"]))
+        return theta, (float(rope["factor"]), float(rope["low_freq_factor"]),
+                       float(rope["high_freq_factor"]), int(original))
+    raise ValueError(f"config.json: rope_scaling / rope_parameters rope_type {rope_type!r} is "
+                     "unsupported; supported: 'default' (plain RoPE) and 'llama3' (Llama 3.1).")
+
+
+def _llama_config(hf: dict, overrides: dict) -> LlamaConfig:
+    head_dim = hf.get("head_dim")
+    if head_dim is not None and head_dim != hf["hidden_size"] // hf["num_attention_heads"]:
+        raise ValueError(f"config.json: head_dim={head_dim} != hidden_size // "
+                         "num_attention_heads is unsupported.")
+    for key in ("attention_bias", "mlp_bias"):
+        if hf.get(key):
+            raise ValueError(f"config.json: {key}=true is unsupported; Llama here has no biases.")
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"config.json: hidden_act={act!r} is unsupported; Llama uses 'silu'.")
+    theta, llama3 = rope_from_hf(hf)
+    return LlamaConfig(
+        vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
+        n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        d_ff=hf["intermediate_size"], max_seq_len=hf["max_position_embeddings"],
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_llama3=llama3,
+        tie_embeddings=hf.get("tie_word_embeddings", False), **overrides)
 
 
 # ----------------------------------------------------------------------------- key maps
@@ -264,6 +322,11 @@ def load_hf_checkpoint(
         raise FileNotFoundError(f"No config.json in {path!r}; pass a Hugging Face model directory.")
     with open(cfg_path) as fh:
         hf_cfg = json.load(fh)
+    if hf_cfg.get("model_type") == "bert":  # an encoder: its own loader (models/hf_bert.py)
+        from lora_jax.models.hf_bert import load_bert_checkpoint
+
+        return load_bert_checkpoint(path, scan_layers=scan_layers, remat=remat, dtype=dtype,
+                                    param_dtype=param_dtype)
     cfg = config_from_hf(hf_cfg, scan_layers=scan_layers, remat=remat, dtype=dtype,
                          param_dtype=param_dtype)
     family = hf_cfg["model_type"]
@@ -297,3 +360,76 @@ def _check_structure(module: nn.Module, params: dict):
     if expected != got:
         raise AssertionError(f"HF key map out of sync with {type(module).__name__}: "
                              f"expected {expected}, built {got}.")
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def config_to_hf(cfg: GPT2Config | LlamaConfig, *, dtype: str = "float32") -> dict:
+    """Our config -> an HF `config.json` dict that transformers 4 and 5 both read.
+
+    RoPE is written the transformers-4 way (top-level `rope_theta`, `rope_scaling`), which
+    transformers 5 still reads; `config_from_hf(config_to_hf(cfg))` rebuilds `cfg`.
+    """
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype {dtype!r}: use 'float32' or 'bfloat16'.")
+    if isinstance(cfg, GPT2Config):
+        return {
+            "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+            "vocab_size": cfg.vocab_size, "n_positions": cfg.n_positions, "n_embd": cfg.d_model,
+            "n_layer": cfg.n_layers, "n_head": cfg.n_head, "n_inner": None,
+            "activation_function": "gelu_new", "layer_norm_epsilon": cfg.layer_norm_eps,
+            "tie_word_embeddings": True, "torch_dtype": dtype, "dtype": dtype,
+        }
+    rope_scaling = None
+    if cfg.rope_llama3 is not None:
+        factor, low, high, original = cfg.rope_llama3
+        rope_scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+                        "high_freq_factor": high, "original_max_position_embeddings": original}
+    return {
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim, "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
+        "rope_scaling": rope_scaling, "hidden_act": "silu", "attention_bias": False,
+        "mlp_bias": False, "tie_word_embeddings": cfg.tie_embeddings,
+        "torch_dtype": dtype, "dtype": dtype,
+    }
+
+
+def _to_hf_layout(x: np.ndarray, convert: Callable, hf_shape: tuple[int, ...]) -> np.ndarray:
+    """Inverse of a key-map converter: our array -> the HF tensor of shape `hf_shape`."""
+    transposed = convert is np.transpose or getattr(convert, "__qualname__", "").startswith(
+        "_transpose_reshape")
+    if transposed:
+        return np.ascontiguousarray(x.reshape(hf_shape[::-1]).T)
+    return np.ascontiguousarray(x.reshape(hf_shape))
+
+
+def params_to_hf(cfg: GPT2Config | LlamaConfig, params: dict, *,
+                 dtype: str = "float32") -> dict[str, np.ndarray]:
+    """Our params (scanned or not) -> HF tensors named as `save_pretrained` names them.
+
+    The inverse of `load_hf_checkpoint`'s mapping; a tied LM head is not written (HF re-ties it).
+    """
+    import ml_dtypes
+
+    family = "gpt2" if isinstance(cfg, GPT2Config) else "llama"
+    prefix = _STACK_PREFIX[family]
+    if prefix in params:
+        params = unstack_layers(params, prefix)
+    key_map = gpt2_key_map(cfg) if family == "gpt2" else llama_key_map(cfg)
+    np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
+    out = {}
+    for name, (path, shape, convert) in key_map.items():
+        leaf = params
+        for p in path:
+            if p not in leaf:
+                raise ValueError(f"params lack {'/'.join(path)} (needed for HF {name!r}).")
+            leaf = leaf[p]
+        x = np.asarray(leaf, np.float32)
+        hf_name = ("transformer." + name) if family == "gpt2" else name
+        out[hf_name] = _to_hf_layout(x, convert, shape).astype(np_dtype)
+    return out

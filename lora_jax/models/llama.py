@@ -6,7 +6,9 @@ MLP. Every projection is a stock `nn.Dense` / `nn.DenseGeneral` / `nn.Embed` wit
 names; module names (`embed_tokens`, `layers_{i}` or a scanned `layers`, `self_attn/{q,k,v,o}_proj`,
 `mlp/{gate,up,down}_proj`, `input_layernorm`, `post_attention_layernorm`, `norm`, `lm_head`) are a
 contract with the LoRA target presets and the Hugging Face loader (`lora_jax.models.hf`).
-The layer-stack builder and causal mask are shared with `gpt2.py`; KV caching is not here.
+The layer-stack builder, attention mask and KV-cache helpers are shared with `gpt2.py`
+(decoding: `Llama(cfg)(tokens, cache=..., cache_index=..., positions=..., kv_mask=...)` returns
+`(logits, cache)`; the cache holds the rotated keys of the `n_kv_heads` heads).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from lora_jax.models.gpt2 import build_layer_stack, causal_mask
+from lora_jax.models.gpt2 import (attention_mask, build_layer_stack, causal_mask, make_cache,
+                                  update_cache)
 
 Dtype = Any
 _INIT_STD = 0.02
@@ -36,6 +39,9 @@ class LlamaConfig:
     max_seq_len: int = 128
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # Llama-3.1 RoPE scaling as (factor, low_freq_factor, high_freq_factor,
+    # original_max_position_embeddings); None is plain RoPE.
+    rope_llama3: tuple[float, float, float, int] | None = None
     tie_embeddings: bool = False
     dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
@@ -103,19 +109,54 @@ def _rms_norm(cfg: LlamaConfig, name: str) -> nn.RMSNorm:
     )
 
 
-def apply_rope(x, theta: float):
-    """Rotary embedding at positions arange(seq), HF `rotate_half` layout.
+def init_cache(cfg: LlamaConfig, batch: int, n_slots: int):
+    """A zero KV cache: `{'k', 'v'}` of shape (n_layers, batch, n_slots, n_kv_heads, head_dim)."""
+    if n_slots > cfg.max_seq_len:
+        raise ValueError(f"Llama: a cache of {n_slots} slots exceeds max_seq_len="
+                         f"{cfg.max_seq_len}; generate fewer tokens or shorten the prompt.")
+    return make_cache(cfg.n_layers, batch, n_slots, cfg.n_kv_heads, cfg.head_dim, cfg.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, llama3: tuple | None = None):
+    """Rotary inverse frequencies (head_dim/2,), float32; with `llama3`, Llama-3.1's scaling.
+
+    `llama3 = (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)`:
+    wavelengths shorter than original/high_freq_factor keep their frequency, those longer than
+    original/low_freq_factor are divided by `factor`, and the band between is interpolated
+    smoothly (transformers' `_compute_llama3_parameters`).
+    """
+    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    if llama3 is None:
+        return inv_freq
+    factor, low, high, original = llama3
+    wavelen = 2 * jnp.pi / inv_freq
+    scaled = jnp.where(wavelen > original / low, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= original / high) & (wavelen <= original / low)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x, theta: float, positions=None, inv_freq=None):
+    """Rotary embedding at `positions` (default arange(seq)), HF `rotate_half` layout.
 
     Args:
       x: (batch, seq, heads, head_dim) queries or keys.
       theta: rotary base (`rope_theta`).
+      positions: int (batch, seq), or None for arange(seq).
+      inv_freq: optional precomputed (head_dim/2,) frequencies (`rope_inv_freq`); overrides theta.
     Returns:
       Array of x's shape and dtype; pairs are (i, i + head_dim/2), not interleaved.
     """
     seq, head_dim = x.shape[1], x.shape[-1]
-    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    angles = jnp.arange(seq, dtype=jnp.float32)[:, None] * inv_freq[None]  # (seq, head_dim/2)
-    angles = jnp.concatenate([angles, angles], axis=-1)[None, :, None, :]
+    if inv_freq is None:
+        inv_freq = rope_inv_freq(head_dim, theta)
+    if positions is None:
+        angles = jnp.arange(seq, dtype=jnp.float32)[:, None] * inv_freq[None]  # (seq, head_dim/2)
+        angles = jnp.concatenate([angles, angles], axis=-1)[None, :, None, :]
+    else:
+        angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (batch, seq, head_dim/2)
+        angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
     return (x * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
@@ -128,8 +169,11 @@ class LlamaAttention(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, cache=None, side=None):
+        """`side` = (mask, positions, cache_index) from the model; returns (out, layer cache)."""
         cfg = self.cfg
+        mask, positions, cache_index = (side if side is not None
+                                        else (causal_mask(x.shape[1]), None, None))
 
         def proj(heads, head_names, name):
             return nn.DenseGeneral(
@@ -141,15 +185,19 @@ class LlamaAttention(nn.Module):
                 name=name,
             )(x)  # (batch, seq, heads, head_dim)
 
-        q = apply_rope(proj(cfg.n_heads, "heads", "q_proj"), cfg.rope_theta)
-        k = apply_rope(proj(cfg.n_kv_heads, "kv_heads", "k_proj"), cfg.rope_theta)
+        inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_llama3)
+        q = apply_rope(proj(cfg.n_heads, "heads", "q_proj"), cfg.rope_theta, positions, inv_freq)
+        k = apply_rope(proj(cfg.n_kv_heads, "kv_heads", "k_proj"), cfg.rope_theta, positions,
+                       inv_freq)
         v = proj(cfg.n_kv_heads, "kv_heads", "v_proj")
+        if cache is not None:
+            cache, k, v = update_cache(cache, k, v, cache_index)
         groups = cfg.n_heads // cfg.n_kv_heads  # kv head j serves query heads j*groups..
         k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
         use_dropout = not self.deterministic and cfg.dropout_rate > 0.0
         out = nn.dot_product_attention(
             q, k, v,
-            mask=causal_mask(x.shape[1]),
+            mask=mask,
             dropout_rng=self.make_rng("dropout") if use_dropout else None,
             dropout_rate=cfg.dropout_rate,
             deterministic=not use_dropout,
@@ -164,7 +212,7 @@ class LlamaAttention(nn.Module):
             param_dtype=cfg.param_dtype,
             kernel_init=_init("heads", "kv", "embed"),
             name="o_proj",
-        )(out)
+        )(out), cache
 
 
 class LlamaMLP(nn.Module):
@@ -192,31 +240,38 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaBlock(nn.Module):
-    """Pre-RMSNorm decoder block. Returns `(x, None)` so the same block works under `nn.scan`."""
+    """Pre-RMSNorm decoder block. Returns `(x, new layer cache)` so it works under `nn.scan`."""
 
     cfg: LlamaConfig
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, _=None):
+    def __call__(self, x, cache=None, side=None):
         cfg = self.cfg
         drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
-        h = LlamaAttention(cfg, self.deterministic, name="self_attn")(
-            _rms_norm(cfg, "input_layernorm")(x))
+        h, cache = LlamaAttention(cfg, self.deterministic, name="self_attn")(
+            _rms_norm(cfg, "input_layernorm")(x), cache, side)
         x = x + drop(h)
         h = LlamaMLP(cfg, name="mlp")(_rms_norm(cfg, "post_attention_layernorm")(x))
-        return x + drop(h), None
+        return x + drop(h), cache
 
 
 class Llama(nn.Module):
-    """Llama language model: int32 tokens (batch, seq) -> float32 logits (batch, seq, vocab)."""
+    """Llama language model: int32 tokens (batch, seq) -> float32 logits (batch, seq, vocab).
+
+    Decoding arguments (`positions`, `kv_mask`, `cache`, `cache_index`) as in `GPT2`; with a
+    cache it returns `(logits, cache)`.
+    """
 
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, tokens, *, deterministic: bool = True):
+    def __call__(self, tokens, *, deterministic: bool = True, positions=None, kv_mask=None,
+                 cache=None, cache_index=None):
         cfg = self.cfg
         seq = tokens.shape[-1]
+        if cache is not None and cache_index is None:
+            raise ValueError("Llama: decoding with a cache needs cache_index= (an int array)")
         if seq > cfg.max_seq_len:
             raise ValueError(
                 f"Llama: sequence length {seq} exceeds max_seq_len={cfg.max_seq_len}; "
@@ -226,11 +281,16 @@ class Llama(nn.Module):
                          param_dtype=cfg.param_dtype,
                          embedding_init=_init("vocab", "embed"), name="embed_tokens")
         x = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(embed(tokens))
-        x = build_layer_stack(LlamaBlock, cfg, deterministic=deterministic, prefix="layers")(x)
+        n_slots = seq if cache is None else cache["k"].shape[2]
+        side = (attention_mask(seq, kv_mask, cache_index, n_slots), positions, cache_index)
+        x, cache = build_layer_stack(LlamaBlock, cfg, deterministic=deterministic,
+                                     prefix="layers")(x, cache, side)
         x = _rms_norm(cfg, "norm")(x)
         if cfg.tie_embeddings:
-            return embed.attend(x).astype(jnp.float32)
-        lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype,
-                           param_dtype=cfg.param_dtype, kernel_init=_init("embed", "vocab"),
-                           name="lm_head")
-        return lm_head(x).astype(jnp.float32)
+            logits = embed.attend(x).astype(jnp.float32)
+        else:
+            lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype,
+                               param_dtype=cfg.param_dtype, kernel_init=_init("embed", "vocab"),
+                               name="lm_head")
+            logits = lm_head(x).astype(jnp.float32)
+        return logits if cache is None else (logits, cache)

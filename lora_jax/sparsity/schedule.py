@@ -49,6 +49,8 @@ class LosaOptions:
     rank_min: int = 1
     dynamic_rank: bool = True
     masked: bool = True
+    rank_cap: int = 0
+    mask_from: str = "pruner"
 
     @classmethod
     def from_method(cls, sc) -> "LosaOptions":
@@ -59,7 +61,8 @@ class LosaOptions:
             pattern = (int(n), int(m))
         return cls(target=sc.target, iterations=sc.iterations, pruner=sc.pruner, pattern=pattern,
                    beta=sc.beta, layerwise=sc.layerwise, rank_start=sc.rank_start,
-                   rank_step=sc.rank_step, dynamic_rank=sc.dynamic_rank, masked=sc.masked)
+                   rank_step=sc.rank_step, dynamic_rank=sc.dynamic_rank, masked=sc.masked,
+                   rank_cap=sc.rank_cap, mask_from=sc.mask_from)
 
 
 def iteration_sparsity(opts: LosaOptions, t: int) -> float:
@@ -103,9 +106,14 @@ def losa_iteration(params, adapters, x0: jax.Array, blocks: Blocks, layouts,
     pruned, masks, errors = prune_blocks(blocks, merged, x0, paths, layouts, list(rates),
                                          opts.pruner, opts.pattern, dense_outputs, batch_size)
 
+    flat_pruned = rules.flatten(pruned)
+
     def new_mask(path, a):
-        keep = masks[path] if opts.masked else jnp.ones_like(masks[path])
-        return {**a.state, "mask": keep}
+        if not opts.masked:
+            return {**a.state, "mask": jnp.ones_like(masks[path])}
+        if opts.mask_from == "nonzero":  # the reference's W != 0: earlier zeros stay frozen
+            return {**a.state, "mask": flat_pruned[path] != 0}
+        return {**a.state, "mask": masks[path]}
 
     adapters = _with_states(adapters, new_mask)
     params = transform.unmerge(pruned, adapters)  # new mask, old rank masks: kept entries return
@@ -115,6 +123,8 @@ def losa_iteration(params, adapters, x0: jax.Array, blocks: Blocks, layouts,
         ranks = losa.allocate_ranks(errors, mean_rank, r_max, opts.rank_min)
     else:
         ranks = [r_max] * num
+    if opts.rank_cap:  # the reference slices lora_A[:rank] of r = 8 adapters
+        ranks = [min(int(r), opts.rank_cap) for r in ranks]
 
     def new_ranks(path, a):
         rm = losa.rank_mask(ranks[blocks.index(path)], a.rank)

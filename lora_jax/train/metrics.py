@@ -1,15 +1,51 @@
-"""Metrics out of a run: ``metrics.jsonl`` (one JSON object per record), TensorBoard events, and
-the progress line (steps/s, tokens/s, ETA)."""
+"""Metrics out of a run: ``metrics.jsonl`` (one JSON object per record), TensorBoard events
+(scalars, the config as text and as hparams), and the progress line's rates (steps/s, tokens/s,
+ETA) from step times after compilation. Nothing here computes a metric of the model; the trainer
+hands them in.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
+from typing import Any, Mapping
+
+
+def _finite_or_none(value: Any) -> Any:
+    """NaN/inf -> None, so ``metrics.jsonl`` stays valid JSON; dicts recursively."""
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict -> ``{'optim.lr': 0.003, 'data.tasks': 'a,b', ...}``: dotted keys,
+    values as TensorBoard hparams take them (tuples and lists joined by ',', None as '')."""
+    out: dict[str, bool | int | float | str] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            out.update(flatten_config(value, f"{prefix}{key}."))
+        elif isinstance(value, (tuple, list)):
+            out[f"{prefix}{key}"] = ",".join(map(str, value))
+        elif value is None:
+            out[f"{prefix}{key}"] = ""
+        else:
+            out[f"{prefix}{key}"] = value if isinstance(value, (bool, int, float, str)) else \
+                str(value)
+    return out
 
 
 class MetricsWriter:
-    """Appends records to ``<workdir>/metrics.jsonl`` and scalars to TensorBoard (``<workdir>/tb``)."""
+    """Appends records to ``<workdir>/metrics.jsonl`` and scalars to TensorBoard (``<workdir>/tb``).
+
+    ``write(step, split, **values)`` takes any scalars (``loss``, ``lr``, ``grad_norm``, rates) and
+    dicts of them (``accuracy``); a non-finite value is ``null`` in the JSON and left out of
+    TensorBoard. ``write_config`` records the run's config once, as text and as hparams.
+    """
 
     def __init__(self, workdir: Path):
         from tensorboardX import SummaryWriter
@@ -18,36 +54,67 @@ class MetricsWriter:
         self.tb = SummaryWriter(str(Path(workdir) / "tb"))
 
     def write(self, step: int, split: str, **values) -> None:
-        record = {"step": step, "split": split, **values}
+        record = {"step": step, "split": split, **_finite_or_none(values)}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         for name, value in values.items():
-            if isinstance(value, dict):
-                for k, v in value.items():
-                    self.tb.add_scalar(f"{split}/{name}/{k}", v, step)
-            elif isinstance(value, (int, float)):
-                self.tb.add_scalar(f"{split}/{name}", value, step)
+            items = value.items() if isinstance(value, dict) else [(None, value)]
+            for k, v in items:
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                    self.tb.add_scalar(f"{split}/{name}" + (f"/{k}" if k else ""), v, step)
+
+    def write_config(self, config: Mapping[str, Any],
+                     metrics: tuple[str, ...] = ("eval/loss", "eval/accuracy/mean")) -> None:
+        """The run's config (a nested dict, e.g. ``to_dict(cfg)``) as TensorBoard text
+        (``config``, one ``field = value`` line each) and as hparams, linked to the scalar tags
+        ``metrics`` so the HParams dashboard compares runs by them. Call once, at step 0."""
+        from tensorboardX.summary import hparams
+
+        flat = flatten_config(config)
+        text = "\n".join(f"    {k} = {v!r}" for k, v in sorted(flat.items()))  # Markdown code
+        self.tb.add_text("config", text, 0)
+        experiment, session_start, _ = hparams(flat, {m: 0.0 for m in metrics})
+        for summary in (experiment, session_start):
+            self.tb.file_writer.add_summary(summary)
 
     def close(self) -> None:
         self.tb.close()
 
 
 class Progress:
-    """Throughput and ETA over the steps since the last report."""
+    """Steps/s, tokens/s and ETA from the step times after compilation.
+
+    The interval up to the first ``report`` holds the jit compile (and the first step's dispatch),
+    so it gives no rate: the first report's values are NaN ("unknown") unless ``mark(step)`` was
+    called once that step had finished, e.g. after the first step; every later report measures
+    from the previous one. ``tokens_per_step`` is the global batch's tokens.
+    """
 
     def __init__(self, total_steps: int, tokens_per_step: int, start_step: int):
         self.total, self.tokens = total_steps, tokens_per_step
-        self.last_step, self.last_time = start_step, time.perf_counter()
+        self.last_step, self.last_time, self.timed = start_step, time.perf_counter(), False
+
+    def mark(self, step: int) -> None:
+        """Restarts the clock at ``step`` (call when the compiling step has finished)."""
+        self.last_step, self.last_time, self.timed = step, time.perf_counter(), True
 
     def report(self, step: int) -> dict:
+        """``{'steps_per_sec', 'tokens_per_sec', 'eta_sec'}`` since the previous report or mark."""
         now = time.perf_counter()
-        sps = (step - self.last_step) / max(now - self.last_time, 1e-9)
+        steps, seconds = step - self.last_step, now - self.last_time
+        timed, self.timed = self.timed, True
         self.last_step, self.last_time = step, now
-        eta = (self.total - step) / max(sps, 1e-9)
-        return {"steps_per_sec": sps, "tokens_per_sec": sps * self.tokens, "eta_sec": eta}
+        if not timed or steps <= 0:
+            return {"steps_per_sec": math.nan, "tokens_per_sec": math.nan, "eta_sec": math.nan}
+        sps = steps / max(seconds, 1e-9)
+        return {"steps_per_sec": sps, "tokens_per_sec": sps * self.tokens,
+                "eta_sec": (self.total - step) / sps}
 
 
 def format_duration(seconds: float) -> str:
+    """``75.2`` -> ``'1:15'``, ``3725`` -> ``'1:02:05'``; NaN (not yet known) -> ``'-:--'``."""
+    if not math.isfinite(seconds):
+        return "-:--"
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"

@@ -667,6 +667,8 @@ def _train(cfg, workdir, setup, sh, train_step, eval_step, loss_fn, loader, ckpt
             skipped += 1
             log(f"step {step}: non-finite loss or gradients; step skipped ({skipped} so far)")
         train_time += time.perf_counter() - t0
+        if step == start + 1:
+            progress.mark(step)  # rates and ETA from post-compile step times
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             if bool(out["finite"]):
                 loss = float(out["loss"])

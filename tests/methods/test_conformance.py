@@ -24,7 +24,7 @@ from lora_jax.train.config import MeshConfig
 
 TINY = dict(d_model=32, n_layers=2, n_head=2, n_positions=16, vocab_size=64)
 NUM_TASKS = 3  # what a routing method's example_args should use
-INTERNAL = {"saved"}  # modules_to_save deltas: exercised by tests/test_transform.py
+INTERNAL = {"saved", "bank"}  # built from other adapters: tests/test_transform.py, test_bank.py
 
 
 def registered() -> list[str]:
@@ -57,7 +57,7 @@ def randomize(adapters, seed: int = 3):
     trainable, state = lj.split(adapters)
     leaves, tree = jax.tree.flatten(trainable)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
-    leaves = [x + 0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]
+    leaves = [x + 0.02 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]
     return lj.join(jax.tree.unflatten(tree, leaves), state)
 
 
@@ -129,6 +129,8 @@ def _losses(name: str, mesh_cfg: MeshConfig | None, steps: int = 3) -> np.ndarra
         batch = sharding.shard_batch({k: np.asarray(v) for k, v in batch.items()}, mesh)
     step = make_train_step(loss_fn, tx, sh)
     opt_state = tx.init(trainable)
+    if sh is not None:  # as the trainer does: optimizer state placed like its parameters
+        opt_state = sharding.put(opt_state, sh.opt_state)
     out = []
     for i in range(steps):
         trainable, opt_state, metrics = step(trainable, opt_state, frozen, batch,
