@@ -627,6 +627,7 @@ def _train(cfg, workdir, setup, sh, train_step, eval_step, loss_fn, loader, ckpt
         base_eval = wd.read_json(base_file, "delete it and rerun to recompute the base evaluation")
     else:
         base_eval = run_eval(trainable, frozen)
+        metrics.write_config(to_dict(cfg))
         metrics.write(0, "eval", **base_eval)
         if jax.process_index() == 0:
             wd.write_json(base_file, base_eval)
