@@ -338,14 +338,24 @@ def _fold(params, adapters, fold: str, task: int | None):
 
 
 def merge(params: Mapping[str, Any], adapters: Mapping[str, Any], *,
-          task: int | None = None) -> dict[str, Any]:
+          task: int | None = None, safe: bool = False) -> dict[str, Any]:
     """Folds every adapter into its kernel: ``W + s·A B`` for LoRA, ``m ⊙ V/‖V‖`` for DoRA.
 
     Methods that route per example (MTL-LoRA, per-task LoRA) merge one task at a time: pass
     ``task``. Computed in float32 and cast back to each kernel's dtype; a bf16 base keeps bf16 and
-    pays bf16's rounding (relative error up to 2⁻⁹ per entry) once.
+    pays bf16's rounding (relative error up to 2⁻⁹ per entry) once. ``safe=True`` (PEFT's
+    ``safe_merge``) checks every merged kernel and raises ``ValueError`` naming the first one
+    holding NaN/inf (e.g. from a diverged adapter).
     """
-    return _fold(params, adapters, "merge", task)
+    merged = _fold(params, adapters, "merge", task)
+    if safe:
+        flat = rules.flatten(merged)
+        for path in rules.flatten(adapters):
+            if not bool(jnp.all(jnp.isfinite(flat[path]))):
+                raise ValueError(f"merging the adapter into {path!r} gives NaN/inf values; the "
+                                 "adapter (or the base kernel) is not finite: check the run that "
+                                 "trained it (lj.merge(..., safe=False) merges anyway)")
+    return merged
 
 
 def unmerge(params: Mapping[str, Any], adapters: Mapping[str, Any], *,

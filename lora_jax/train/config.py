@@ -99,6 +99,10 @@ class TrainConfig:
     log_every: int = 50
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
+    # Run-time choices, not part of a run's identity (a resume may change them):
+    async_checkpoints: bool = False  # orbax writes checkpoints in the background
+    skip_nonfinite: bool = False  # skip a step with NaN/inf loss or gradients (else: stop)
+    allow_data_change: bool = False  # resume even if a data file's content changed
 
 
 @dataclasses.dataclass(frozen=True)

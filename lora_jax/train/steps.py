@@ -4,7 +4,9 @@
 ``experiments/bench*.py`` and user code build theirs with it. It knows no method and no model:
 ``loss_fn(trainable, frozen, batch, rng) -> scalar`` is the caller's (methods' loss terms are added
 inside it with ``lj.regularizer``), gradients are taken with respect to ``trainable`` only, and
-``trainable`` and the optimizer state are donated.
+``trainable`` and the optimizer state are donated. With ``guard_nonfinite=True`` a step whose loss,
+gradient norm or update is not finite leaves the state unchanged (``metrics['finite']`` says so);
+``first_nonfinite_leaf`` then names the culprit, outside the step, only when that flag trips.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ def token_loss(logits, batch):
 
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
-                    shardings: sharding.TrainShardings | None = None) -> Callable:
+                    shardings: sharding.TrainShardings | None = None, *,
+                    guard_nonfinite: bool = False) -> Callable:
     """``step(trainable, opt_state, frozen, batch, rng) -> (trainable, opt_state, metrics)``.
 
     Args:
@@ -42,16 +45,27 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
       shardings: from ``lora_jax.sharding.train_shardings``: the step is then jitted with explicit
         in/out shardings (outputs sharded exactly as inputs) and takes a global batch
         (``sharding.shard_batch``). None: plain ``jax.jit``.
+      guard_nonfinite: if True, a step whose loss, gradient norm or update norm is NaN/inf
+        returns ``trainable`` and ``opt_state`` unchanged (as ``optax.apply_if_finite`` does, but
+        without changing the optimizer state's structure, so checkpoints stay compatible).
     Returns:
-      The jitted step; ``metrics`` is ``{'loss', 'grad_norm'}`` (replicated scalars). Trainable
-      arrays and optimizer state are donated.
+      The jitted step; ``metrics`` is ``{'loss', 'grad_norm', 'finite'}`` (replicated scalars;
+      ``finite`` is a bool). Trainable arrays and optimizer state are donated.
     """
 
     def step(trainable, opt_state, frozen, batch, rng):
         loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, batch, rng)
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
-        return optax.apply_updates(trainable, updates), opt_state, metrics
+        updates, new_opt_state = tx.update(grads, opt_state, trainable)
+        grad_norm = optax.global_norm(grads)
+        finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+                  & jnp.isfinite(optax.global_norm(updates)))
+        new_trainable = optax.apply_updates(trainable, updates)
+        if guard_nonfinite:
+            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+            new_trainable, new_opt_state = (keep(new_trainable, trainable),
+                                            keep(new_opt_state, opt_state))
+        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite}
+        return new_trainable, new_opt_state, metrics
 
     if shardings is None:
         return jax.jit(step, donate_argnums=(0, 1))
@@ -59,6 +73,35 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
     return jax.jit(step, donate_argnums=(0, 1),
                    in_shardings=(sh.trainable, sh.opt_state, sh.frozen, sh.batch, sh.replicated),
                    out_shardings=(sh.trainable, sh.opt_state, sh.replicated))
+
+
+def _first_bad(tree) -> str | None:
+    for path, x in jax.tree_util.tree_leaves_with_path(tree):
+        if not bool(jnp.all(jnp.isfinite(x))):
+            return jax.tree_util.keystr(path)
+    return None
+
+
+def first_nonfinite_leaf(loss_fn: Callable, tx: optax.GradientTransformation, trainable,
+                         opt_state, frozen, batch, rng) -> str:
+    """Names what made a step non-finite, recomputing it (slowly, once) from the state before it.
+
+    Returns e.g. ``"gradient ['blocks_0']['attn']['q'].a"``, ``"update ['head'].b"`` (finite
+    gradients, but the optimizer made a NaN/inf step: e.g. a NaN learning rate), ``"loss"`` (the
+    loss alone), or ``"parameter ..."`` when the state itself already holds NaN/inf.
+    """
+    bad = _first_bad(trainable)
+    if bad:
+        return f"parameter {bad}"
+    loss, grads = jax.jit(jax.value_and_grad(loss_fn))(trainable, frozen, batch, rng)
+    bad = _first_bad(grads)
+    if bad:
+        return f"gradient {bad}"
+    updates, _ = jax.jit(tx.update)(grads, opt_state, trainable)
+    bad = _first_bad(updates)
+    if bad:
+        return f"update {bad}"
+    return "loss" if not bool(jnp.isfinite(loss)) else "none found (not reproducible)"
 
 
 def make_eval_step(forward: Callable, shardings: sharding.TrainShardings | None = None):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
+import math
 import os
 import signal
 import time
@@ -27,11 +28,15 @@ import optax
 import lora_jax as lj
 from lora_jax import data as D
 from lora_jax import distributed, io, methods, models, sharding
+from jax.experimental import multihost_utils
+
 from lora_jax.train import checkpoint
+from lora_jax.train import workdir as wd
 from lora_jax.train.config import (FULL, BaseConfig, DataConfig, Experiment, ModelConfig,
                                    OptimConfig, TrainConfig, fingerprint, to_dict)
 from lora_jax.train.metrics import MetricsWriter, Progress, format_duration
-from lora_jax.train.steps import evaluate, make_eval_step, make_train_step, token_loss
+from lora_jax.train.steps import (evaluate, first_nonfinite_leaf, make_eval_step,
+                                  make_train_step, token_loss)
 
 
 def log(msg: str) -> None:
@@ -56,14 +61,58 @@ def build_model(mc: ModelConfig, vocab_size: int):
     """``(module, model_config, params_or_None)``; params only for a Hugging Face checkpoint."""
     dtypes = dict(dtype=jnp.dtype(mc.dtype), param_dtype=jnp.dtype(mc.param_dtype))
     if mc.hf_path:
-        module, params = models.load_hf_checkpoint(mc.hf_path, scan_layers=mc.scan_layers, **dtypes)
-        return module, module.config, params
+        module, params = models.load_hf_checkpoint(mc.hf_path, scan_layers=mc.scan_layers,
+                                                   remat=mc.remat, **dtypes)
+        _check_vocab(module.cfg, vocab_size, mc)
+        return module, module.cfg, params
     module, cfg = models.get_model(mc.family, mc.preset, scan_layers=mc.scan_layers,
                                    remat=mc.remat, **dtypes, **_overrides(mc.overrides))
-    if cfg.vocab_size < vocab_size:
-        raise ValueError(f"model vocab_size {cfg.vocab_size} < tokenizer's {vocab_size}; set "
-                         "--config.model.overrides=vocab_size=N")
+    _check_vocab(cfg, vocab_size, mc)
     return module, cfg, None
+
+
+def _check_vocab(model_cfg, vocab_size: int, mc: ModelConfig) -> None:
+    if model_cfg.vocab_size < vocab_size:
+        fix = ("use a tokenizer of at most that size (--config.data.tokenizer=PATH/tokenizer.json)"
+               if mc.hf_path else "set --config.model.overrides=vocab_size=N")
+        raise ValueError(f"model vocab_size {model_cfg.vocab_size} < the tokenizer's "
+                         f"{vocab_size}; {fix}")
+
+
+def check_model(mc: ModelConfig, vocab_size: int) -> None:
+    """Validates ``mc`` cheaply (no weights read): family, preset, overrides, HF config.json."""
+    if mc.hf_path:
+        path = Path(mc.hf_path) / "config.json"
+        hf = io.read_json(path, "model.hf_path must be a Hugging Face model directory") \
+            if path.is_file() else None
+        if hf is None:
+            raise ValueError(f"model.hf_path={mc.hf_path!r} has no config.json; pass a Hugging "
+                             "Face model directory (config.json + model.safetensors)")
+        _check_vocab(models.hf.config_from_hf(hf), vocab_size, mc)
+        return
+    _, cfg = models.get_model(mc.family, mc.preset, **_overrides(mc.overrides))
+    _check_vocab(cfg, vocab_size, mc)
+
+
+def data_files(dc: DataConfig) -> list[str]:
+    """The local files the data config reads (their digests are recorded in ``run.json``)."""
+    return [dc.train_path, dc.eval_path] if dc.kind in ("jsonl", "text") else []
+
+
+def check_data(dc: DataConfig) -> None:
+    """Validates the data config without loading it: kind, task names, files."""
+    if dc.kind == "tasks":
+        unknown = [t for t in dc.tasks if t not in D.TASKS]
+        if unknown:
+            raise ValueError(f"unknown data.tasks {unknown}; known: {sorted(D.TASKS)}")
+        return
+    if dc.kind not in ("jsonl", "text"):
+        raise ValueError(f"unknown data.kind {dc.kind!r}; use 'tasks', 'jsonl' or 'text'")
+    if not dc.train_path or not dc.eval_path:
+        raise ValueError(f"data.kind={dc.kind!r} needs data.train_path and data.eval_path")
+    for p in data_files(dc):
+        if not Path(p).is_file():
+            raise ValueError(f"data file {p!r} does not exist; check data.train_path/eval_path")
 
 
 def load_data(dc, tokenizer, process_index: int = 0, process_count: int = 1):
@@ -171,16 +220,20 @@ def quantize_base(cfg: Experiment, model, params, example):
 # ----------------------------------------------------------------------------- what trains
 
 
+def make_schedule(oc, total_steps: int) -> optax.Schedule:
+    """The learning rate at each optimizer step (0-based): warm-up, then cosine or constant."""
+    if oc.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, oc.lr, min(oc.warmup_steps, total_steps),
+                                                  max(total_steps, oc.warmup_steps + 1))
+    if oc.schedule == "constant":
+        return optax.linear_schedule(0.0, oc.lr, max(oc.warmup_steps, 1))
+    raise ValueError(f"unknown optim.schedule {oc.schedule!r}; use 'cosine' or 'constant'")
+
+
 def make_optimizer(oc, total_steps: int) -> optax.GradientTransformation:
     """The base optimizer with its schedule (no clipping: ``clipped`` adds it around the whole
     trainable tree, so LoRA+'s groups are clipped together)."""
-    if oc.schedule == "cosine":
-        lr = optax.warmup_cosine_decay_schedule(0.0, oc.lr, min(oc.warmup_steps, total_steps),
-                                                max(total_steps, oc.warmup_steps + 1))
-    elif oc.schedule == "constant":
-        lr = optax.linear_schedule(0.0, oc.lr, max(oc.warmup_steps, 1))
-    else:
-        raise ValueError(f"unknown optim.schedule {oc.schedule!r}; use 'cosine' or 'constant'")
+    lr = make_schedule(oc, total_steps)
     if oc.name == "adamw":
         return optax.adamw(lr, b1=oc.b1, b2=oc.b2, weight_decay=oc.weight_decay)
     if oc.name == "sgd":
@@ -205,6 +258,7 @@ class Setup:
     tx: optax.GradientTransformation
     export: Callable  # (trainable, frozen, workdir) -> None
     methods: tuple = ()  # the adapter methods (empty for full fine-tuning)
+    lr: Callable | None = None  # the base learning-rate schedule (logged; groups may scale it)
 
 
 def build_method(cfg: Experiment) -> lj.Method:
@@ -233,7 +287,8 @@ def full_setup(cfg: Experiment, model, params) -> Setup:
 
     tx = clipped(cfg.optim, make_optimizer(cfg.optim, cfg.train.steps))
     return Setup(params, {}, forward, lambda t, f: 0.0, tx,
-                 lambda t, f, w: io.save_params(w / "params.msgpack", t))
+                 lambda t, f, w: io.save_params(w / "params.msgpack", t),
+                 lr=make_schedule(cfg.optim, cfg.train.steps))
 
 
 def adapter_setup(cfg: Experiment, model, params, example) -> Setup:
@@ -260,7 +315,7 @@ def adapter_setup(cfg: Experiment, model, params, example) -> Setup:
 
     penalty = lambda t, f: lj.regularizer(lj.join(t, f["state"]))
     return Setup(trainable, {"params": params, "state": state}, forward, penalty, tx, export,
-                 tuple(methods.methods_of(adapters)))
+                 tuple(methods.methods_of(adapters)), make_schedule(cfg.optim, cfg.train.steps))
 
 
 def make_setup(cfg: Experiment, model, params, example) -> Setup:
@@ -269,15 +324,23 @@ def make_setup(cfg: Experiment, model, params, example) -> Setup:
     return adapter_setup(cfg, model, params, example)
 
 
-def make_steps(setup: Setup, sh: sharding.TrainShardings | None = None):
-    """The jitted train and eval steps of a ``Setup`` (token loss plus the methods' penalty)."""
+def make_loss(setup: Setup, sh: sharding.TrainShardings | None = None) -> Callable:
+    """``loss_fn(trainable, frozen, batch, rng) -> scalar``: token loss plus the methods' penalty."""
     forward = setup.forward if sh is None else sharding.batch_sharded(setup.forward, sh.mesh)
 
     def loss_fn(trainable, frozen, batch, rng):
         logits = forward(trainable, frozen, batch["inputs"], batch["task_ids"], rng, True)
         return token_loss(logits, batch)[0] + setup.penalty(trainable, frozen)
 
-    return make_train_step(loss_fn, setup.tx, sh), make_eval_step(forward, sh)
+    return loss_fn
+
+
+def make_steps(setup: Setup, sh: sharding.TrainShardings | None = None):
+    """The jitted train and eval steps of a ``Setup``; the train step leaves the state unchanged
+    on a non-finite step (``metrics['finite']`` is False then)."""
+    forward = setup.forward if sh is None else sharding.batch_sharded(setup.forward, sh.mesh)
+    return (make_train_step(make_loss(setup, sh), setup.tx, sh, guard_nonfinite=True),
+            make_eval_step(forward, sh))
 
 
 def shard_setup(cfg: Experiment, model, example, setup: Setup) -> sharding.TrainShardings:
@@ -320,12 +383,112 @@ class Preemption:
 PREEMPTION = Preemption()
 
 
+
+
+def validate(cfg: Experiment) -> None:
+    """Checks everything cheap to check before a workdir is touched: the method and its
+    arguments, model family/preset (or HF config), data, base source, optimizer and schedule.
+
+    A wrong value raises ``ValueError`` naming it, so a corrected command is never refused by a
+    ``run.json`` written by the bad one.
+    """
+    if not cfg.full_finetune:
+        build_method(cfg)  # the method validates its own arguments
+        adapter_spec(cfg)
+    check_model(cfg.model, D.get_tokenizer(cfg.data.tokenizer).vocab_size)
+    check_data(cfg.data)
+    if cfg.base.source not in ("pretrain", "init", "hf"):
+        raise ValueError(f"unknown base.source {cfg.base.source!r}; use 'pretrain', 'init', 'hf'")
+    if cfg.base.source == "hf" and not cfg.model.hf_path:
+        raise ValueError("base.source='hf' needs model.hf_path=DIR (a Hugging Face checkpoint)")
+    make_optimizer(cfg.optim, cfg.train.steps)
+    t = cfg.train
+    for name in ("steps", "batch_size", "eval_every", "eval_batch_size", "log_every",
+                 "checkpoint_every", "keep_checkpoints"):
+        if getattr(t, name) < 1:
+            raise ValueError(f"train.{name} must be >= 1, got {getattr(t, name)}")
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class Preemption:
+    """SIGTERM as a flag the trainer checks at safe points (setup done, every step).
+
+    ``PREEMPTION.install()`` is called as early as possible (the launcher calls it before its
+    heavy imports through ``request()`` of a signal it caught itself), so a SIGTERM at any moment
+    of a run (start-up and pretraining included) ends it with a checkpoint and exit 0, never
+    with -15; once the last step is done, a SIGTERM is ignored and the run finishes (final eval,
+    export, summary). Only the main thread can install it; elsewhere the flag is never set.
+    In a multi-process run, JAX's preemption service takes SIGTERM over after
+    ``jax.distributed.initialize``; ``should_stop`` then asks its sync point, so every process
+    stops at the same step.
+    """
+
+    def __init__(self):
+        self.requested = False
+
+    def request(self, *_):
+        self.requested = True
+
+    def install(self) -> None:
+        try:
+            signal.signal(signal.SIGTERM, self.request)
+        except ValueError:  # not the main thread
+            pass
+
+    def should_stop(self, step: int) -> bool:
+        """Whether to checkpoint and stop before ``step``; the same answer on every process.
+
+        Every process must call it at every step (JAX's sync point requires it).
+        """
+        if jax.process_count() == 1:
+            return self.requested
+        try:
+            synced = multihost_utils.reached_preemption_sync_point(step)
+        except RuntimeError:  # jax_enable_preemption_service=False: our own flag only
+            synced = False
+        return _any_process(self.requested) or synced
+
+    def requested_anywhere(self) -> bool:
+        """The flag, or'ed over processes (a collective: every process must call it)."""
+        return _any_process(self.requested)
+
+
+def _any_process(flag: bool) -> bool:
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
+PREEMPTION = Preemption()
+
+
+class NonFiniteError(RuntimeError):
+    """A step's loss, gradient norm or update was NaN/inf; the run stopped (last good state kept)."""
+
+
+RUNTIME_FIELDS = ("eval_every", "eval_batch_size", "log_every", "checkpoint_every",
+                  "keep_checkpoints", "async_checkpoints", "skip_nonfinite", "allow_data_change")
+
+
 def _identity(cfg: Experiment) -> dict:
     d = to_dict(cfg)
-    for k in ("eval_every", "eval_batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+    for k in RUNTIME_FIELDS:
         d["train"].pop(k)
     d.pop("mesh")  # a run may resume on another topology (process count, mesh shape)
-    return d
+    return _finite_json(d)
+
+
+def _finite_json(x):
+    """``x`` with NaN/inf floats as strings ('nan', 'inf'), so it is valid JSON (``lr=nan``)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return repr(x)
+    if isinstance(x, dict):
+        return {k: _finite_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_finite_json(v) for v in x)
+    return x
 
 
 def _accuracy_table(base: dict, final: dict) -> str:
@@ -337,7 +500,7 @@ def _accuracy_table(base: dict, final: dict) -> str:
 
 
 def _interrupted(workdir, step: int, what: str) -> dict:
-    PREEMPTION.requested = False  # handled: a later run in this process starts afresh
+    PREEMPTION.requested = False  # honoured: a later run in this process starts afresh
     log(f"SIGTERM {what}; rerun the same command to resume from step {step} in {workdir}")
     return {"interrupted": True, "step": step}
 
@@ -345,37 +508,109 @@ def _interrupted(workdir, step: int, what: str) -> dict:
 def train_and_evaluate(cfg: Experiment, workdir: str | os.PathLike) -> dict:
     """Runs (or resumes) the experiment in ``workdir``; returns the summary it writes.
 
-    Writes ``run.json`` (identity), ``checkpoints/``, ``metrics.jsonl``, ``tb/``, the export
-    (``adapter/`` or ``params.msgpack``) and ``summary.json``. If SIGTERM arrives, the current
-    state is checkpointed and the function returns ``{'interrupted': True}`` without a summary.
-    A completed run is never rewritten: rerunning it returns its summary.
+    Writes ``run.json`` (identity, plus the environment and data digests of the first launch),
+    ``checkpoints/``, ``progress.json`` (train time and last loss of the newest checkpoint),
+    ``metrics.jsonl``, ``tb/``, the export (``adapter/`` or ``params.msgpack``) and
+    ``summary.json``, every JSON file atomically. The config is validated before the workdir is
+    touched, and the workdir is locked while the run lives (``workdir.WorkdirBusy`` otherwise).
+    If SIGTERM arrives, the current state is checkpointed and the function returns
+    ``{'interrupted': True, 'step': N}`` without a summary. A NaN/inf step raises
+    ``NonFiniteError`` (unless ``train.skip_nonfinite``). A completed run is never rewritten:
+    rerunning it returns its summary. See docs/reliability.md.
     """
     PREEMPTION.install()
-    if not cfg.full_finetune:
-        build_method(cfg)  # the method validates its arguments before the workdir is touched
+    validate(cfg)
     distributed.initialize(cfg.mesh)
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    checkpoint.check_identity(workdir, _identity(cfg))
+    with wd.WorkdirLock(workdir, jax.process_index()):
+        return _run(cfg, workdir)
+
+
+def _record(cfg: Experiment) -> dict:
+    return {"environment": wd.environment(), "data": wd.data_digests(data_files(cfg.data))}
+
+
+def _last_logged_loss(workdir: Path, step: int) -> float | None:
+    """The newest train loss in ``metrics.jsonl`` at or before ``step`` (None if none)."""
+    path, loss = workdir / "metrics.jsonl", None
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:  # a line torn by a kill
+                continue
+            if r.get("split") == "train" and r.get("step", step + 1) <= step and "loss" in r:
+                loss = r["loss"]
+    return loss
+
+
+def _read_progress(workdir: Path, start: int) -> dict:
+    """``{'train_seconds', 'train_loss', 'skipped_steps'}`` up to checkpoint ``start``.
+
+    ``progress.json`` is written right after each checkpoint; if the kill came in between (or
+    restore fell back to an older step), the newest record at or before ``start`` is used.
+    """
+    path = workdir / "progress.json"
+    rec = wd.read_json(path, "delete it: only train_seconds of earlier segments are lost") \
+        if path.exists() else {}
+    hist = {int(k): v for k, v in rec.get("steps", {}).items() if int(k) <= start}
+    got = hist[max(hist)] if hist else {}
+    loss = got.get("train_loss") if got.get("step") == start else None
+    return {"train_seconds": got.get("train_seconds", 0.0),
+            "train_loss": loss if loss is not None else _last_logged_loss(workdir, start),
+            "skipped_steps": got.get("skipped_steps", 0)}
+
+
+def _write_progress(workdir: Path, step: int, keep: int, **values) -> None:
+    """Records ``values`` for checkpoint ``step`` (the newest ``keep + 1`` records are kept)."""
+    if jax.process_index() != 0:
+        return
+    path = workdir / "progress.json"
+    steps = wd.read_json(path, "delete it").get("steps", {}) if path.exists() else {}
+    steps[str(step)] = {"step": step, **values}
+    newest = sorted(steps, key=int)[-(keep + 1):]
+    wd.write_json(path, {"steps": {k: steps[k] for k in newest}})
+
+
+def _run(cfg: Experiment, workdir: Path) -> dict:
+    first = checkpoint.check_identity(workdir, _identity(cfg), recorded=_record(cfg))
     if (workdir / "summary.json").exists():
-        summary = json.loads((workdir / "summary.json").read_text())
+        summary = wd.read_json(workdir / "summary.json",
+                               "delete it to rerun the final evaluation and export")
         log(f"{workdir} is complete (summary.json); nothing to do")
         return summary
+    for line in wd.check_data_unchanged(first.get("data", {}),
+                                        allow_change=cfg.train.allow_data_change):
+        log(line)
     tokenizer = D.get_tokenizer(cfg.data.tokenizer)
     model, model_cfg, hf_params = build_model(cfg.model, tokenizer.vocab_size)
     train_arrays, eval_arrays, tasks = load_data(cfg.data, tokenizer)
     example = jnp.zeros((1, cfg.data.seq_len), jnp.int32)
     params = base_params(cfg, model, hf_params, example)
-    if params is None or PREEMPTION.requested:
+    if params is None or PREEMPTION.requested_anywhere():
         return _interrupted(workdir, 0, "during start-up")
     params = quantize_base(cfg, model, params, example)
     setup = make_setup(cfg, model, params, example)
     sh = shard_setup(cfg, model, example, setup)
     train_step, eval_step = make_steps(setup, sh)
+    loss_fn = make_loss(setup, sh)
     loader = D.ArrayLoader(train_arrays, cfg.train.batch_size, seed=cfg.seed,
                            process_index=jax.process_index(), process_count=jax.process_count())
+    info = {"method": cfg.method, "ranks": None if cfg.full_finetune else cfg.adapter.rank}
+    ckpts = checkpoint.Checkpoints(workdir / "checkpoints", cfg.train.keep_checkpoints,
+                                   info=info, async_save=cfg.train.async_checkpoints, log=log)
+    metrics = MetricsWriter(workdir) if jax.process_index() == 0 else distributed.NullWriter()
+    try:
+        return _train(cfg, workdir, setup, sh, train_step, eval_step, loss_fn, loader, ckpts,
+                      metrics, train_arrays, eval_arrays, tasks, model)
+    finally:
+        ckpts.close()
+        metrics.close()
 
-    ckpts = checkpoint.Checkpoints(workdir / "checkpoints", cfg.train.keep_checkpoints)
+
+def _train(cfg, workdir, setup, sh, train_step, eval_step, loss_fn, loader, ckpts, metrics,
+           train_arrays, eval_arrays, tasks, model) -> dict:
+    """Restore, base eval, the loop, the final eval, export and summary (``_run``'s second half)."""
     trainable, frozen = sharding.put((setup.trainable, setup.frozen), (sh.trainable, sh.frozen))
     opt_state = jax.jit(setup.tx.init, out_shardings=sh.opt_state)(trainable)
     start, (trainable, opt_state) = ckpts.restore_latest((trainable, opt_state))
@@ -389,53 +624,77 @@ def train_and_evaluate(cfg: Experiment, workdir: str | os.PathLike) -> dict:
         frozen = c.restore(start, frozen)
     base_file = workdir / "base_eval.json"
     if base_file.exists():
-        base_eval = json.loads(base_file.read_text())
+        base_eval = wd.read_json(base_file, "delete it and rerun to recompute the base evaluation")
     else:
         base_eval = run_eval(trainable, frozen)
+        metrics.write_config(to_dict(cfg))
+        metrics.write(0, "eval", **base_eval)
         if jax.process_index() == 0:
-            base_file.write_text(json.dumps(base_eval))
+            wd.write_json(base_file, base_eval)
     if start:
         log(f"resuming from step {start}")
-    metrics = MetricsWriter(workdir) if jax.process_index() == 0 else distributed.NullWriter()
+    done = _read_progress(workdir, start) if start else {}
+    train_time = done.get("train_seconds", 0.0)
+    loss, skipped = done.get("train_loss"), done.get("skipped_steps", 0)
+    saved = start  # the newest checkpoint known good
+    schedule = lambda s: float(setup.lr(s)) if setup.lr is not None else None
     progress = Progress(cfg.train.steps, cfg.train.batch_size * cfg.data.seq_len, start)
     key = jax.random.key(cfg.seed + 2)
-    train_time, loss, step = 0.0, float("nan"), start
+
+    def save(step):
+        nonlocal saved
+        if step > saved:
+            ckpts.save(step, (trainable, opt_state))
+            _write_progress(workdir, step, cfg.train.keep_checkpoints, train_seconds=train_time,
+                            train_loss=loss, skipped_steps=skipped)
+            saved = step
+
+    step = start
     for step in range(start + 1, cfg.train.steps + 1):
-        if PREEMPTION.requested:
-            ckpts.save(step - 1, (trainable, opt_state))
-            ckpts.close()
-            metrics.close()
-            return _interrupted(workdir, step - 1, f"checkpointed step {step - 1}")
+        if PREEMPTION.should_stop(step):
+            save(step - 1)
+            return _interrupted(workdir, step - 1, f"checkpointed step {step - 1}" if step > 1
+                                else "before the first step")
         for c in callbacks:
             frozen = c(step, trainable, frozen)
         t0 = time.perf_counter()
         batch = sharding.shard_batch(loader.batch(step - 1), sh.mesh)
-        trainable, opt_state, out = train_step(trainable, opt_state, frozen, batch,
-                                               jax.random.fold_in(key, step))
+        rng = jax.random.fold_in(key, step)
+        trainable, opt_state, out = train_step(trainable, opt_state, frozen, batch, rng)
+        if not bool(out["finite"]):
+            if not cfg.train.skip_nonfinite:
+                raise _nonfinite_error(step, out, loss_fn, setup.tx, trainable, opt_state,
+                                       frozen, batch, rng, saved, ckpts)
+            skipped += 1
+            log(f"step {step}: non-finite loss or gradients; step skipped ({skipped} so far)")
+        train_time += time.perf_counter() - t0
+        if step == start + 1:
+            progress.mark(step)  # rates and ETA from post-compile step times
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            loss = float(out["loss"])
+            if bool(out["finite"]):
+                loss = float(out["loss"])
             rates = progress.report(step)
-            metrics.write(step, "train", loss=loss, grad_norm=float(out["grad_norm"]), **rates)
-            log(f"step {step}/{cfg.train.steps}  loss {loss:.4f}  "
+            metrics.write(step, "train", loss=float(out["loss"]), grad_norm=float(out["grad_norm"]),
+                          lr=schedule(step - 1), skipped_steps=skipped, **rates)
+            log(f"step {step}/{cfg.train.steps}  loss {float(out['loss']):.4f}  "
                 f"{rates['steps_per_sec']:.1f} steps/s  {rates['tokens_per_sec']:,.0f} tok/s  "
                 f"ETA {format_duration(rates['eta_sec'])}")
-        train_time += time.perf_counter() - t0
         if step % cfg.train.eval_every == 0 and step != cfg.train.steps:
             ev = run_eval(trainable, frozen)
             metrics.write(step, "eval", **ev)
             log(f"eval @ {step}: loss {ev['loss']:.4f}  accuracy {ev['accuracy']['mean']:.3f}")
         if step % cfg.train.checkpoint_every == 0:
-            ckpts.save(step, (trainable, opt_state))
-    ckpts.save(step, (trainable, opt_state))
-    ckpts.close()
+            save(step)
+    save(step)  # from here on a SIGTERM is ignored: the run finishes
+    ckpts.wait()
     final = run_eval(trainable, frozen)
     metrics.write(step, "eval", **final)
-    metrics.close()
     exported = distributed.gather((trainable, frozen))  # every process takes part
     if jax.process_index() == 0:
         setup.export(*exported, workdir)
     n_train = lj.count_params(trainable)
     n_base = lj.count_params(frozen.get("params", {}))
+    tokens = cfg.train.batch_size * cfg.data.seq_len * step
     summary = {
         "method": cfg.method,
         "model": f"{cfg.model.family}/{cfg.model.preset}" if not cfg.model.hf_path
@@ -444,19 +703,32 @@ def train_and_evaluate(cfg: Experiment, workdir: str | os.PathLike) -> dict:
         "total_params": n_base + n_train,
         "steps": step,
         "train_seconds": train_time,
-        "final_train_loss": float(loss),
+        "final_train_loss": loss,
         "final_eval_loss": final["loss"],
         "base_eval_loss": base_eval["loss"],
         "base_accuracy": base_eval["accuracy"],
         "accuracy": final["accuracy"],
-        "tokens_per_sec": cfg.train.batch_size * cfg.data.seq_len * (step - start)
-        / max(train_time, 1e-9),
+        "tokens_per_sec": tokens / train_time if train_time > 0 else None,
+        "skipped_steps": skipped,
     }
     for c in callbacks:
         summary.update(c.finish(*exported, workdir))
     if jax.process_index() == 0:
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
+        wd.write_json(workdir / "summary.json", summary)
     log(_accuracy_table(base_eval["accuracy"], final["accuracy"]))
     log(f"eval loss {base_eval['loss']:.4f} -> {final['loss']:.4f} | trainable params "
         f"{n_train:,} of {n_base + n_train:,} | train time {format_duration(train_time)}")
     return summary
+
+
+def _nonfinite_error(step, out, loss_fn, tx, trainable, opt_state, frozen, batch, rng, saved,
+                     ckpts) -> NonFiniteError:
+    """The one-line error for a non-finite step (the guarded step left the state before it)."""
+    leaf = first_nonfinite_leaf(loss_fn, tx, trainable, opt_state, frozen, batch, rng)
+    kept = (f"the last good checkpoint is step {saved} in {ckpts.directory} (kept)" if saved
+            else "no checkpoint was saved before it")
+    return NonFiniteError(
+        f"step {step}: non-finite training (loss {float(out['loss'])}, gradient norm "
+        f"{float(out['grad_norm'])}); first non-finite: {leaf}; {kept}. Lower optim.lr or "
+        "check the data, then rerun to resume; or set --config.train.skip_nonfinite=True to "
+        "skip such steps")

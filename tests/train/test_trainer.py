@@ -144,8 +144,9 @@ def _losses(workdir):
     return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
 
 
-def test_resumed_run_reproduces_losses_exactly(tmp_path, monkeypatch):
-    cfg = _lora_tiny(checkpoint_every=1000)
+@pytest.mark.parametrize("async_checkpoints", [False, True])
+def test_resumed_run_reproduces_losses_exactly(tmp_path, monkeypatch, async_checkpoints):
+    cfg = _lora_tiny(checkpoint_every=1000, async_checkpoints=async_checkpoints)
     train_and_evaluate(cfg, tmp_path / "straight")
     # Interrupt a second run with a real SIGTERM right after step 3 is logged.
     write = trainer.MetricsWriter.write
