@@ -53,7 +53,8 @@ def main(argv):
     try:
         cfg = from_dict(Experiment, _CONFIG.value.to_dict())
         train_and_evaluate(cfg, _WORKDIR.value)
-    except (ValueError, FileNotFoundError) as e:  # user errors: one line, traceback with -v
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # user errors (bad config, NaN
+        # training, a busy workdir, no restorable checkpoint): one line, traceback with -v
         if verbose:
             raise
         sys.exit(f"error: {e}")

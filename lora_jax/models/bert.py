@@ -145,14 +145,15 @@ class BertBlock(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, carry, _=None):
-        x, mask = carry
+    def __call__(self, x, cache=None, side=None):
+        """``side`` is the padding mask (the layer stack's shared argument); no KV cache."""
+        mask = side
         cfg = self.cfg
         drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
         h = BertAttention(cfg, self.deterministic, name="self_attn")(x, mask)
         x = _layer_norm(cfg, "attn_norm")(x + drop(h))
         h = BertMLP(cfg, name="mlp")(x)
-        return (_layer_norm(cfg, "mlp_norm")(x + drop(h)), mask), None
+        return _layer_norm(cfg, "mlp_norm")(x + drop(h)), cache
 
 
 class BertMLP(nn.Module):
@@ -205,7 +206,7 @@ class Bert(nn.Module):
         x = _layer_norm(cfg, "embed_norm")(x)
         x = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(x)
         stack = build_layer_stack(BertBlock, cfg, deterministic=deterministic, prefix="layers")
-        hidden, _ = stack((x, mask))
+        hidden, _ = stack(x, None, mask)
         if cfg.pooling == "mean":
             return hidden, mean_pool(hidden, mask)
         pooled = jnp.tanh(_dense(cfg, cfg.d_model, ("embed", "mlp"), "pooler")(hidden[:, 0]))

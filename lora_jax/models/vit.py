@@ -167,13 +167,13 @@ class ViTBlock(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, _=None):
+    def __call__(self, x, cache=None, side=None):
         cfg = self.cfg
         drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
         x = x + drop(ViTAttention(cfg, self.deterministic, name="self_attn")(
             _layer_norm(cfg, "ln_1")(x)))
         x = x + drop(ViTMLP(cfg, name="mlp")(_layer_norm(cfg, "ln_2")(x)))
-        return x, None
+        return x, cache
 
 
 class ViT(nn.Module):
@@ -204,7 +204,7 @@ class ViT(nn.Module):
         x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, cfg.d_model)).astype(x.dtype),
                              x], axis=1) + pos.astype(x.dtype)
         x = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(x)
-        x = build_layer_stack(ViTBlock, cfg, deterministic=deterministic, prefix="blocks")(x)
+        x, _ = build_layer_stack(ViTBlock, cfg, deterministic=deterministic, prefix="blocks")(x)
         features = _layer_norm(cfg, "ln_f")(x)[:, 0]
         if cfg.num_classes == 0:
             return features.astype(jnp.float32)

@@ -103,6 +103,7 @@ class TrainConfig:
     async_checkpoints: bool = False  # orbax writes checkpoints in the background
     skip_nonfinite: bool = False  # skip a step with NaN/inf loss or gradients (else: stop)
     allow_data_change: bool = False  # resume even if a data file's content changed
+    eval_generate: bool = False  # final eval also by real greedy decoding (accuracy_generated)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +115,7 @@ class MeshConfig:
     fsdp: int = 0
     tensor: int = 0
     rules: str = ""  # overrides of the preset's logical rules: 'mlp=tensor,vocab=none'
+    max_replicated_mib: float = 1.0  # a fully replicated leaf above this under fsdp is an error
     num_devices: int = 0  # 0 = every device; N = the first N (e.g. a 1-device reference run)
     coordinator_address: str = ""  # multi-host: 'host:port'; 'auto' = JAX's cluster detection
     num_processes: int = 0  # 0 = from the environment / auto-detection

@@ -63,10 +63,12 @@ def build_model(mc: ModelConfig, vocab_size: int):
     if mc.hf_path:
         module, params = models.load_hf_checkpoint(mc.hf_path, scan_layers=mc.scan_layers,
                                                    remat=mc.remat, **dtypes)
+        module = module.clone(cfg=dataclasses.replace(module.cfg, remat_policy=mc.remat_policy))
         _check_vocab(module.cfg, vocab_size, mc)
         return module, module.cfg, params
     module, cfg = models.get_model(mc.family, mc.preset, scan_layers=mc.scan_layers,
-                                   remat=mc.remat, **dtypes, **_overrides(mc.overrides))
+                                   remat=mc.remat, remat_policy=mc.remat_policy, **dtypes,
+                                   **_overrides(mc.overrides))
     _check_vocab(cfg, vocab_size, mc)
     return module, cfg, None
 
@@ -351,8 +353,15 @@ def shard_setup(cfg: Experiment, model, example, setup: Setup) -> sharding.Train
     specs = sharding.param_logical_specs(model, example)
     log(f"mesh {dict(mesh.shape)} (preset {cfg.mesh.preset!r}) over {jax.process_count()} "
         f"process(es)")
-    return sharding.train_shardings(mesh, sharding.logical_rules(cfg.mesh), specs,
-                                    setup.trainable, setup.frozen, setup.tx)
+    sh = sharding.train_shardings(mesh, sharding.logical_rules(cfg.mesh), specs,
+                                  setup.trainable, setup.frozen, setup.tx)
+    if cfg.mesh.max_replicated_mib:  # MaxText's assert_params_sufficiently_sharded
+        limit = int(cfg.mesh.max_replicated_mib * 2**20)
+        sharding.check_sharded(sh.trainable, setup.trainable, limit)
+        sharding.check_sharded(sh.frozen, setup.frozen, limit)
+        sharding.check_sharded(sh.opt_state, jax.eval_shape(setup.tx.init, setup.trainable),
+                               limit)
+    return sh
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -469,7 +478,8 @@ class NonFiniteError(RuntimeError):
 
 
 RUNTIME_FIELDS = ("eval_every", "eval_batch_size", "log_every", "checkpoint_every",
-                  "keep_checkpoints", "async_checkpoints", "skip_nonfinite", "allow_data_change")
+                  "keep_checkpoints", "async_checkpoints", "skip_nonfinite", "allow_data_change",
+                  "eval_generate")
 
 
 def _identity(cfg: Experiment) -> dict:
@@ -689,7 +699,7 @@ def _train(cfg, workdir, setup, sh, train_step, eval_step, loss_fn, loader, ckpt
     ckpts.wait()
     final = run_eval(trainable, frozen)
     metrics.write(step, "eval", **final)
-    exported = distributed.gather((trainable, frozen))  # every process takes part
+    exported = sharding.gather_for_export(trainable, frozen)  # adapters only; every process
     if jax.process_index() == 0:
         setup.export(*exported, workdir)
     n_train = lj.count_params(trainable)
@@ -711,6 +721,11 @@ def _train(cfg, workdir, setup, sh, train_step, eval_step, loss_fn, loader, ckpt
         "tokens_per_sec": tokens / train_time if train_time > 0 else None,
         "skipped_steps": skipped,
     }
+    if cfg.train.eval_generate:  # exact match by real greedy decoding, beside teacher forcing
+        summary["accuracy_generated"] = generated_accuracy(setup, model, trainable, frozen,
+                                                           eval_arrays, tasks)
+        log(f"exact match by greedy decoding: {summary['accuracy_generated']['mean']:.3f} "
+            f"(teacher-forced: {final['accuracy']['mean']:.3f})")
     for c in callbacks:
         summary.update(c.finish(*exported, workdir))
     if jax.process_index() == 0:
@@ -719,6 +734,16 @@ def _train(cfg, workdir, setup, sh, train_step, eval_step, loss_fn, loader, ckpt
     log(f"eval loss {base_eval['loss']:.4f} -> {final['loss']:.4f} | trainable params "
         f"{n_train:,} of {n_base + n_train:,} | train time {format_duration(train_time)}")
     return summary
+
+
+def generated_accuracy(setup: Setup, model, trainable, frozen, arrays, tasks) -> dict:
+    """Per-task exact match of real greedy decoding (``lj.greedy_exact_match``) on ``arrays``."""
+    if setup.methods:
+        params, adapters = frozen["params"], lj.join(trainable, frozen["state"])
+    else:
+        params, adapters = trainable, {}
+    correct = lj.greedy_exact_match(model, params, adapters, arrays)
+    return D.per_task_accuracy(correct, arrays["task_ids"], list(tasks))
 
 
 def _nonfinite_error(step, out, loss_fn, tx, trainable, opt_state, frozen, batch, rng, saved,

@@ -139,7 +139,7 @@ def check_data_unchanged(recorded: Mapping[str, str], allow_change: bool = False
                            f"({digest[:19]}… then, {now[:19]}… now)")
     if changes and not allow_change:
         more = f" (and {len(changes) - 1} more file(s))" if len(changes) > 1 else ""
-        raise ValueError(f"{changes[0]}{more}; pass --allow_data_change to continue")
+        raise ValueError(f"{changes[0]}{more}; pass --config.train.allow_data_change=True to continue")
     return changes
 
 

@@ -239,8 +239,8 @@ def test_missing_shard_raises(tmp_path):
 
 
 def test_unknown_model_type_raises(tmp_path):
-    path = _bad(tmp_path, config={**GPT2_HF, "model_type": "bert"})
-    with pytest.raises(ValueError, match="unknown model_type 'bert'"):
+    path = _bad(tmp_path, config={**GPT2_HF, "model_type": "t5"})
+    with pytest.raises(ValueError, match="unknown model_type 't5'"):
         load_hf_checkpoint(path)
 
 

@@ -259,3 +259,12 @@ def test_lora_plus_is_clipped_once_over_every_trainable_leaf():
     for (path, g), u in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(updates)):
         ratio = 4.0 if path[-1].key == "b" else 1.0
         np.testing.assert_allclose(u, -cfg.optim.lr * ratio * g * 1e-3 / norm, rtol=1e-5)
+
+
+def test_eval_by_greedy_decoding_beside_teacher_forcing(tmp_path):
+    """train.eval_generate: the final exact match is also computed by real greedy decoding; on
+    the task suite (answers fully determined by their prefix) both agree example by example."""
+    cfg = _lora_tiny()
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_generate=True))
+    summary = train_and_evaluate(cfg, tmp_path)
+    assert summary["accuracy_generated"] == summary["accuracy"]
