@@ -29,6 +29,7 @@ import optax
 from absl import app
 
 import lora_jax as lj
+from lora_jax.train import make_train_step
 from experiments import bench
 from experiments.benchlib import machine
 from lora_jax.models import get_model
@@ -54,12 +55,8 @@ def _steps(model, params, tokens):
         return optax.softmax_cross_entropy_with_integer_labels(
             logits[:, :-1], tokens[:, 1:]).mean()
 
-    def make(loss, tx):
-        def step(trainable, opt_state, frozen):
-            l, g = jax.value_and_grad(loss)(trainable, frozen)
-            u, opt_state = tx.update(g, opt_state, trainable)
-            return optax.apply_updates(trainable, u), opt_state, l
-        return jax.jit(step, donate_argnums=(0, 1))
+    def make(loss, tx):  # lora_jax's one train step over this bench's loss (no batch, rng)
+        return make_train_step(lambda t, f, batch, rng: loss(t, f), tx)
 
     out = {}
     tx = optax.adamw(1e-4)
@@ -88,12 +85,13 @@ def _steps(model, params, tokens):
 
 def _time_step(step, args, steps):
     trainable, opt_state, frozen = args
-    mib = bench.peak_mib(step, trainable, opt_state, frozen)
-    trainable, opt_state, _ = jax.block_until_ready(step(trainable, opt_state, frozen))
+    mib = bench.peak_mib(step, trainable, opt_state, frozen, None, None)
+    trainable, opt_state, _ = jax.block_until_ready(step(trainable, opt_state, frozen, None, None))
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        trainable, opt_state, _ = jax.block_until_ready(step(trainable, opt_state, frozen))
+        trainable, opt_state, _ = jax.block_until_ready(
+            step(trainable, opt_state, frozen, None, None))
         times.append(time.perf_counter() - t0)
     return statistics.median(times), mib
 

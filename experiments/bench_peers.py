@@ -37,6 +37,7 @@ from flax import linen as nn
 from flax import traverse_util
 
 import lora_jax as lj
+from lora_jax.train import make_train_step
 from experiments.benchlib import machine, summary, time_interleaved, write_section
 from lora_jax.models import get_model
 
@@ -75,20 +76,16 @@ def matmul_fn():
     return (lambda: f(a)), 2 * 2048**3
 
 
-def _adam_step(loss, tx):
-    def step(trainable, opt_state, frozen, tokens):
-        l, g = jax.value_and_grad(loss)(trainable, frozen, tokens)
-        u, opt_state = tx.update(g, opt_state, trainable)
-        return optax.apply_updates(trainable, u), opt_state, l
-    return jax.jit(step, donate_argnums=(0, 1))
+def _adam_step(loss, tx):  # lora_jax's one train step; the batch is the token array
+    return make_train_step(lambda t, f, tokens, rng: loss(t, f, tokens), tx)
 
 
 def _runner(step, trainable, opt_state, frozen, tokens):
     state = [trainable, opt_state]
 
     def call():
-        state[0], state[1], loss = step(state[0], state[1], frozen, tokens)
-        return loss
+        state[0], state[1], metrics = step(state[0], state[1], frozen, tokens, None)
+        return metrics["loss"]
     return call
 
 

@@ -26,6 +26,7 @@ import optax
 from absl import app, flags
 
 import lora_jax as lj
+from lora_jax.train import make_train_step
 from experiments.benchlib import (machine, ratio_per_round, summary, time_fn, time_interleaved,
                                   write_section)
 from lora_jax import quant
@@ -82,12 +83,8 @@ def make_step(model, tx):
         return optax.softmax_cross_entropy_with_integer_labels(
             logits.astype(jnp.float32), tokens[:, 1:]).mean()
 
-    def step(adapters, opt_state, base, tokens):
-        loss, grads = jax.value_and_grad(loss_fn)(adapters, base, tokens)
-        updates, opt_state = tx.update(grads, opt_state, adapters)
-        return optax.apply_updates(adapters, updates), opt_state, loss
-
-    return jax.jit(step, donate_argnums=(0, 1))
+    # lora_jax's one train step; the batch is the token array, no rng
+    return make_train_step(lambda a, base, tokens, rng: loss_fn(a, base, tokens), tx)
 
 
 def dequant_fusions(hlo: str, kind: str) -> int:
@@ -121,13 +118,13 @@ def run(preset: str, batch: int, seq: int, rank: int, steps: int) -> dict:
         adapters = lj.init_adapters(base, spec, jax.random.key(2), layouts=layouts)
         state = [adapters, tx.init(adapters)]
         if name != "lora_bf16":
-            hlo = step.lower(state[0], state[1], base, tokens).compile().as_text()
+            hlo = step.lower(state[0], state[1], base, tokens, None).compile().as_text()
             kind = name.split("_")[1]
             res["dequant_fusions_per_kernel"][kind] = dequant_fusions(hlo, kind) / n_kernels
 
         def call(state=state, base=base):
-            state[0], state[1], loss = step(state[0], state[1], base, tokens)
-            return loss
+            state[0], state[1], metrics = step(state[0], state[1], base, tokens, None)
+            return metrics["loss"]
 
         fns[name] = call
     times = time_interleaved(fns, steps)

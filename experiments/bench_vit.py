@@ -31,6 +31,7 @@ import optax
 from absl import app, flags
 
 import lora_jax as lj
+from lora_jax.train import make_train_step
 from experiments.benchlib import peak_mib, write_section
 from lora_jax.models import get_model
 
@@ -68,11 +69,8 @@ def build(model, cfg, rank: int):
             return optax.softmax_cross_entropy_with_integer_labels(forward(trainable, frozen, x),
                                                                    y).mean()
 
-        def step(trainable, opt_state, frozen, x, y):
-            grads = jax.grad(loss)(trainable, frozen, x, y)
-            updates, opt_state = tx.update(grads, opt_state, trainable)
-            return optax.apply_updates(trainable, updates), opt_state
-        return jax.jit(step, donate_argnums=(0, 1))
+        # lora_jax's one train step; the batch is (images, labels), no rng
+        return make_train_step(lambda t, f, batch, rng: loss(t, f, *batch), tx)
 
     full_tx = optax.adamw(1e-4)
     lora_tx = lj.adapter_optimizer(optax.adamw(1e-4), adapters)
@@ -90,20 +88,20 @@ def run() -> dict:
     model, cfg = get_model("vit", _PRESET.value, scan_layers=True)
     modes, params = build(model, cfg, _RANK.value)
     trainable_lora = lj.count_params(lj.split(modes["lora"][1])[0])  # before donation
-    peaks = {m: peak_mib(step, t, o, f, *_batch(cfg, _MEMORY_BATCH.value))
+    peaks = {m: peak_mib(step, t, o, f, _batch(cfg, _MEMORY_BATCH.value), None)
              for m, (step, t, o, f) in modes.items()}
     x, y = _batch(cfg, _TIME_BATCH.value)
     state, compile_s = {}, {}
     for m, (step, t, o, f) in modes.items():
         t0 = time.perf_counter()
-        state[m] = list(step(t, o, f, x, y))  # compile + one warm-up step
+        state[m] = list(step(t, o, f, (x, y), None)[:2])  # compile + one warm-up step
         jax.block_until_ready(state[m])
         compile_s[m] = time.perf_counter() - t0
     times = {m: [] for m in modes}
     for _ in range(_STEPS.value):
         for m, (step, _, _, f) in modes.items():
             t0 = time.perf_counter()
-            state[m] = list(step(state[m][0], state[m][1], f, x, y))
+            state[m] = list(step(state[m][0], state[m][1], f, (x, y), None)[:2])
             jax.block_until_ready(state[m][0])
             times[m].append(time.perf_counter() - t0)
     step_s = {m: statistics.median(v) for m, v in times.items()}

@@ -40,7 +40,6 @@ from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lora_jax import layers
 from lora_jax.methods import Adapter, Ctx, Method, Run
