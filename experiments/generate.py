@@ -45,7 +45,9 @@ def load_run(workdir: Path):
     run = workdir / "run.json"
     if not run.is_file():
         raise FileNotFoundError(f"{run} is missing: is {workdir} a run's workdir?")
-    cfg = from_dict(Experiment, json.loads(run.read_text()), str(run))
+    identity = json.loads(run.read_text())
+    identity.pop("recorded", None)  # environment and data digests, not config fields
+    cfg = from_dict(Experiment, identity, str(run))
     tokenizer = D.get_tokenizer(cfg.data.tokenizer)
     model, _, hf_params = trainer.build_model(cfg.model, tokenizer.vocab_size)
     example = jnp.zeros((1, cfg.data.seq_len), jnp.int32)
