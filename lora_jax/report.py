@@ -107,7 +107,9 @@ def load_runs(root: str | os.PathLike, warn: Callable[[str], None] = print) -> l
             record = _read_json(workdir / "overrides.json", warn)
             overrides = record.get("overrides") if isinstance(record, dict) else None
         if overrides is None and (workdir / "run.json").exists():
-            configs[len(runs)] = _flatten(_read_json(workdir / "run.json", warn) or {})
+            identity = dict(_read_json(workdir / "run.json", warn) or {})
+            identity.pop("recorded", None)  # environment and data digests: not config axes
+            configs[len(runs)] = _flatten(identity)
         name = str(workdir.relative_to(root)) if workdir != root else workdir.name
         runs.append(Run(name, workdir, summary, _hashable(overrides or {}),
                         read_curves(workdir / "metrics.jsonl", warn)))
