@@ -66,15 +66,11 @@ def _steps(model, params, tokens):
     layouts = lj.trace_layouts(model, params, tokens[:1])
     rank = FLAGS.rank
     sparse, _ = sm.prune_model(model, params, tokens, 0.5, "magnitude")
-    for name, method, base, opts in (("lora", "lora", params, ()),
-                                     ("losa", "losa", sparse, ()),
-                                     ("losa (no remat)", "losa", sparse, (("remat", False),))):
-        spec = lj.LoraSpec(rank=rank, alpha=2.0 * rank, targets=("all-linear",), method=method,
-                           options=opts)
+    for name, method, base in (("lora", lj.methods.lora(), params),
+                               ("losa", lj.methods.losa(), sparse),
+                               ("losa (no remat)", lj.methods.losa(remat=False), sparse)):
+        spec = lj.LoraSpec(rank=rank, alpha=2.0 * rank, targets=("all-linear",), method=method)
         adapters = lj.init_adapters(base, spec, jax.random.key(1), layouts=layouts)
-        if opts:
-            adapters = jax.tree.map(lambda a: dataclasses.replace(a, options=opts), adapters,
-                                    is_leaf=lj.methods.is_adapter)
         trainable, state = lj.split(adapters)
         atx = lj.adapter_optimizer(tx, trainable)
         step = make(lambda t, f: xent(lj.apply(model, f["params"], lj.join(t, f["state"]),

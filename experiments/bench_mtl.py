@@ -61,7 +61,7 @@ def run() -> dict:
     layouts = lj.trace_layouts(model, params, tokens)
     tx = optax.adamw(1e-4)
 
-    batch, key = {"inputs": tokens, "targets": targets, "task_ids": task_ids}, jax.random.key(3)
+    data, key = {"inputs": tokens, "targets": targets, "task_ids": task_ids}, jax.random.key(3)
 
     def loss(trainable, frozen, batch, rng):
         logits = lj.apply(model, frozen, trainable, batch["inputs"], task_ids=batch["task_ids"])
@@ -75,9 +75,9 @@ def run() -> dict:
         adapters = jax.tree.map(lambda x: x + 0.01, adapters)  # non-zero B: a real adapter
         step = make_train_step(loss, tx)
         opt_state = tx.init(adapters)
-        peaks[name] = peak_mib(step, adapters, opt_state, params, batch, key)
+        peaks[name] = peak_mib(step, adapters, opt_state, params, data, key)
         counts[name] = lj.count_params(adapters)
-        state = list(step(adapters, opt_state, params, batch, key))  # compile + one warm-up step
+        state = list(step(adapters, opt_state, params, data, key))  # compile + one warm-up step
         jax.block_until_ready(state)
         methods[name] = (step, state)
 
@@ -85,7 +85,7 @@ def run() -> dict:
     for _ in range(_STEPS.value):
         for name, (step, state) in methods.items():
             t0 = time.perf_counter()
-            state[0], state[1], _ = step(state[0], state[1], params, batch, key)
+            state[0], state[1], _ = step(state[0], state[1], params, data, key)
             jax.block_until_ready(state[0])
             times[name].append(time.perf_counter() - t0)
     step_ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
