@@ -67,7 +67,7 @@ class TextTower(nn.Module):
                          nn.initializers.normal(0.02), ("vocab", "embed")))(tokens)
         pos = self.param("pos_embed", nn.with_logical_partitioning(
             nn.initializers.normal(0.02), (None, "embed")), (TEXT_LEN, cfg.d_model))
-        x = build_layer_stack(ViTBlock, cfg, deterministic=True, prefix="blocks")(x + pos)
+        x, _ = build_layer_stack(ViTBlock, cfg, deterministic=True, prefix="blocks")(x + pos)
         x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="ln_f")(x)
         keep = (tokens != ByteTokenizer.pad_id)[..., None]
         return (x * keep).sum(1) / keep.sum(1)

@@ -202,7 +202,7 @@ def register(name: str, factory: Callable[..., Method], *, overwrite: bool = Fal
     """
     if name == "full":
         raise ValueError("'full' is reserved for full fine-tuning; pick another method name")
-    same = lambda f: (getattr(f, "__module__", None), getattr(f, "__qualname__", None))
+    same = lambda f: (getattr(f, "__qualname__", None), getattr(f, "name", None))
     if name in _REGISTRY and not overwrite and same(_REGISTRY[name]) != same(factory):
         raise ValueError(f"method {name!r} is already registered; pass overwrite=True to replace")
     _REGISTRY[name] = factory

@@ -511,7 +511,7 @@ def _accuracy_table(base: dict, final: dict) -> str:
 
 def _interrupted(workdir, step: int, what: str) -> dict:
     PREEMPTION.requested = False  # honoured: a later run in this process starts afresh
-    log(f"SIGTERM {what}; rerun the same command to resume from step {step} in {workdir}")
+    log(f"SIGTERM: {what}; rerun the same command to resume from step {step} in {workdir}")
     return {"interrupted": True, "step": step}
 
 

@@ -111,8 +111,8 @@ def test_data_digests_catch_a_changed_file(tmp_path):
     assert W.check_data_unchanged(recorded) == []
     data.write_text('{"text": "b"}\n' * 1000)
     with pytest.raises(ValueError, match=rf"^train data changed since the run started: "
-                                         rf"{data} \(sha256:.*; pass --allow_data_change to "
-                                         r"continue$"):
+                                         rf"{data} \(sha256:.*; pass "
+                                         r"--config.train.allow_data_change=True to continue$"):
         W.check_data_unchanged(recorded)
     lines = W.check_data_unchanged(recorded, allow_change=True)
     assert len(lines) == 1 and str(data) in lines[0]
