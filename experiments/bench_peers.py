@@ -102,7 +102,7 @@ def lora_jax_side(model, params, tokens, rank):
     step = _adam_step(loss, tx)
     spare = jax.tree.map(jnp.copy, adapters)  # the runner's copy is donated step by step
     return _runner(step, adapters, tx.init(adapters), params, tokens), step, (
-        spare, tx.init(spare), params, tokens)
+        spare, tx.init(spare), params, tokens, None)
 
 
 def qwix_side(model, tokens, rank):
@@ -195,7 +195,7 @@ def peft_side(cfg, batch, seq, rank):
 
 def breakdown_fns(model, params, tokens, cfg, adapters_args):
     """Pieces of the lora_jax step, each a jitted call: forward, LM head + CE, AdamW alone."""
-    adapters, _, base, _ = adapters_args
+    adapters, _, base = adapters_args[:3]
     fwd = jax.jit(lambda a, b, t: xent(lj.apply(model, b, a, t[:, :-1]), t[:, 1:]))
     batch, seq = tokens.shape[0], tokens.shape[1] - 1
     h = jax.random.normal(jax.random.key(3), (batch, seq, cfg.d_model))
