@@ -34,7 +34,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
     stops = []
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-3000:]
-        stops.append(int(re.search(r"SIGTERM checkpointed step (\d+)", out).group(1)))
+        stops.append(int(re.search(r"SIGTERM: checkpointed step (\d+)", out).group(1)))
     assert stops[0] == stops[1] >= 3
     procs = _launch(tmp_path, f"127.0.0.1:{_free_port()}", steps=40)
     for p in procs:

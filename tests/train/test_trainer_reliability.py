@@ -225,7 +225,7 @@ def test_sigterm_mid_save_exits_0_and_the_rerun_completes(tmp_path):
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=300)[0].decode()
     assert proc.returncode == 0, out[-3000:]
-    stopped = int(re.search(r"SIGTERM checkpointed step (\d+)", out).group(1))
+    stopped = int(re.search(r"SIGTERM: checkpointed step (\d+)", out).group(1))
     proc = _launch(tmp_path, *flags)
     out = proc.communicate(timeout=300)[0].decode()
     assert proc.returncode == 0 and f"resuming from step {stopped}" in out, out[-3000:]
