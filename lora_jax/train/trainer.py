@@ -364,36 +364,6 @@ def shard_setup(cfg: Experiment, model, example, setup: Setup) -> sharding.Train
     return sh
 
 
-# ----------------------------------------------------------------------------- the loop
-
-
-class Preemption:
-    """SIGTERM as a flag the trainer checks at safe points (setup done, every step).
-
-    ``PREEMPTION.install()`` is called as early as possible (the launcher calls it before its
-    heavy imports through ``request()`` of a signal it caught itself), so a SIGTERM at any moment
-    of a run (start-up and pretraining included) ends it with a checkpoint and exit 0, never
-    with -15. Only the main thread can install it; elsewhere the flag is never set.
-    """
-
-    def __init__(self):
-        self.requested = False
-
-    def request(self, *_):
-        self.requested = True
-
-    def install(self) -> None:
-        try:
-            signal.signal(signal.SIGTERM, self.request)
-        except ValueError:  # not the main thread
-            pass
-
-
-PREEMPTION = Preemption()
-
-
-
-
 def validate(cfg: Experiment) -> None:
     """Checks everything cheap to check before a workdir is touched: the method and its
     arguments, model family/preset (or HF config), data, base source, optimizer and schedule.

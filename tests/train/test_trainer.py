@@ -177,17 +177,18 @@ def test_sigterm_checkpoints_and_rerun_resumes(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     subprocess.run(args + [f"--workdir={straight}"], cwd=ROOT, env=env, check=True,
                    capture_output=True)
-    proc = subprocess.Popen(args + [f"--workdir={killed}"], cwd=ROOT, env=env,
+    # The child pauses after logging step 5 until the signal arrives: a 40-step tiny run can
+    # otherwise finish before a signal sent "after step 5" reaches it.
+    pause = [sys.executable, "-m", "tests.train.pause_child", "5", *args[3:]]
+    proc = subprocess.Popen(pause + [f"--workdir={killed}"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    metrics = killed / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and (not metrics.exists() or
-                                      len(metrics.read_text().splitlines()) < 5):
-        time.sleep(0.2)
+    for line in iter(proc.stdout.readline, b""):
+        if line.startswith(b"paused at step 5"):
+            break
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=120)[0].decode()
     assert proc.returncode == 0, out
-    assert "SIGTERM: checkpointed step" in out
+    assert "SIGTERM: checkpointed step 5" in out
     assert not (killed / "summary.json").exists()
     subprocess.run(args + [f"--workdir={killed}"], cwd=ROOT, env=env, check=True,
                    capture_output=True)

@@ -220,8 +220,10 @@ def test_sigterm_at_launch_and_in_the_final_phase_exit_0(tmp_path):
 def test_sigterm_mid_save_exits_0_and_the_rerun_completes(tmp_path):
     """Every step is saved in the background; SIGTERM lands while step 3's save is in flight."""
     flags = ("--config.train.checkpoint_every=1", "--config.train.async_checkpoints=True")
-    proc = _launch(tmp_path, *flags)
-    _wait_for(proc, r"^step 3/")
+    proc = subprocess.Popen([sys.executable, "-m", "tests.train.pause_child", "3", *ARGS[3:],
+                             f"--workdir={tmp_path}", *flags], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    _wait_for(proc, r"^paused at step 3")  # step 3's save is in flight; 4-6 wait for the signal
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=300)[0].decode()
     assert proc.returncode == 0, out[-3000:]
