@@ -167,7 +167,10 @@ def pretrain_experiment(cfg: Experiment) -> Experiment:
 def base_params(cfg: Experiment, model, hf_params, example):
     """The frozen base: HF checkpoint, fresh init, or the cached pretrained model.
 
-    None if SIGTERM interrupted the pretraining (it resumes on the next run).
+    Pretraining holds a lock on the cache folder (``WorkdirLock(name='base', wait=True)``): a
+    second process that needs the same uncached base waits for the first, logging its pid, then
+    loads the cached base. None if SIGTERM interrupted the pretraining (it resumes on the next
+    run; a waiting process then pretrains it itself).
     """
     if cfg.base.source == "hf":
         if hf_params is None:
@@ -184,11 +187,18 @@ def base_params(cfg: Experiment, model, hf_params, example):
     path = workdir / "params.msgpack"
     if path.exists():
         log(f"base model: cached at {workdir}")
-    else:
-        log(f"base model: pretraining on {', '.join(pre.data.tasks)} "
-            f"({pre.train.steps} steps; cached at {workdir})")
-        if train_and_evaluate(pre, workdir).get("interrupted"):
-            return None
+        return io.load_params(path)
+    # One process pretrains into the cache; another that needs the same base waits, then loads it.
+    with wd.WorkdirLock(workdir, jax.process_index(), name="base", wait=True,
+                        log=lambda m: log(f"base model: {m} while it pretrains this base; "
+                                          "this run loads it from the cache when it is done")):
+        if path.exists():
+            log(f"base model: cached at {workdir} (pretrained by another process meanwhile)")
+        else:
+            log(f"base model: pretraining on {', '.join(pre.data.tasks)} "
+                f"({pre.train.steps} steps; cached at {workdir})")
+            if train_and_evaluate(pre, workdir).get("interrupted"):
+                return None
     return io.load_params(path)
 
 

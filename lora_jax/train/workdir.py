@@ -5,7 +5,8 @@ the environment a run records.
 either the old file or the new one, never a torn one, and it refuses NaN/inf (which would make
 invalid JSON) with the key named. ``read_json`` turns an empty or truncated file into a one-line
 error that says what to do. ``WorkdirLock`` holds an ``fcntl.flock`` on ``<workdir>/.lock.<i>``
-for process ``i``; the kernel drops it when the holder dies, so a stale lock file never blocks.
+for process ``i``; the kernel drops it when the holder dies, so a stale lock file never blocks;
+with ``wait=True`` a second process waits for it instead (the pretrained-base cache does that).
 ``file_digest``/``check_data_unchanged`` pin the content of data files, and ``environment`` says
 which code and machine produced a run. Checkpoints live in ``checkpoint.py``; what the trainer
 does with these pieces lives in ``trainer.py``.
@@ -22,8 +23,9 @@ import os
 import platform
 import socket
 import subprocess
+import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -79,24 +81,46 @@ class WorkdirLock:
     file's pid/host text is informational). Each process of a multi-process run locks its own
     index, so a second launch fails on every process. ``flock`` works across hosts on NFSv4 and
     Lustre; on file systems without it (some FUSE mounts) the lock is per host only.
+
+    ``name`` locks ``<workdir>/.lock.<name>.<process_index>`` instead: a second lock on the same
+    directory for another purpose (the base-model cache locks its folder while
+    ``train_and_evaluate`` inside it holds the run's own lock). ``wait=True`` waits for a busy
+    lock instead of raising ``WorkdirBusy``, polling every ``poll_s`` seconds; ``log`` (if given)
+    gets one line naming the holder when the wait starts.
     """
 
-    def __init__(self, workdir: str | os.PathLike, process_index: int = 0):
+    def __init__(self, workdir: str | os.PathLike, process_index: int = 0, *,
+                 name: str = "", wait: bool = False, poll_s: float = 0.2,
+                 log: Callable[[str], None] | None = None):
         self.workdir = Path(workdir)
-        self.path = self.workdir / f".lock.{process_index}"
+        self.path = self.workdir / (f".lock.{name}.{process_index}" if name
+                                    else f".lock.{process_index}")
+        self.wait, self.poll_s, self.log = wait, poll_s, log
         self.fd: int | None = None
+
+    def holder(self, fd: int) -> tuple[str, str]:
+        """``(pid, host)`` written by the lock's holder (``'?'`` where unknown)."""
+        text = os.pread(fd, 512, 0).decode(errors="replace").split()
+        return tuple((text + ["?", "?"])[:2])
 
     def __enter__(self) -> "WorkdirLock":
         self.workdir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 512, 0).decode(errors="replace").split()
-            os.close(fd)
-            pid, host = (holder + ["?", "?"])[:2]
-            raise WorkdirBusy(f"workdir {self.workdir} is in use by pid {pid} on host {host}; "
-                              "stop it or use another --workdir") from None
+        waiting = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                pid, host = self.holder(fd)
+                if not self.wait:
+                    os.close(fd)
+                    raise WorkdirBusy(f"workdir {self.workdir} is in use by pid {pid} on host "
+                                      f"{host}; stop it or use another --workdir") from None
+                if not waiting and self.log is not None:
+                    self.log(f"waiting for pid {pid} on host {host}, which holds {self.path}")
+                waiting = True
+                time.sleep(self.poll_s)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
         self.fd = fd
@@ -171,7 +195,8 @@ def code_version() -> dict:
     return {"version": version, "git_commit": commit, "git_dirty": dirty}
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (or ``platform``'s guess), e.g. 'AMD EPYC'."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -201,5 +226,5 @@ def environment() -> dict:
     return {"code": code_version(), "python": platform.python_version(), **libs,
             "backend": jax.default_backend(),
             "devices": f"{len(devices)} x {devices[0].device_kind}",
-            "process_count": jax.process_count(), "cpu": _cpu_model(),
+            "process_count": jax.process_count(), "cpu": cpu_model(),
             "platform": platform.platform()}
