@@ -21,7 +21,8 @@ it: mean ± max(3·std, floor) per metric, with floors ``FLOORS`` (std is the sa
 seeds; the floor keeps a 3-seed std that came out small by chance from making the band
 meaningless: 0.03 accuracy is about 8 of 256 eval examples). Trainable parameters must match
 exactly. ``--check`` runs ``--check_seed`` (default 3, a seed not in the table, so its base is
-pretrained too) into a fresh workdir and exits 1 if a metric falls outside.
+pretrained too) into ``--workdir``/check/lora_s<seed> (reused once complete: delete it to run
+afresh) and exits 1 if a metric falls outside.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ class Row:
 ROWS = {
     "lora": Row("lora", "", "`configs/lora.py` (r=8, all-linear)"),
     "qlora": Row("qlora", "", "`configs/qlora.py` (NF4 base)"),
-    "losa": Row("losa", "sparsity=0.7", "`configs/losa.py:sparsity=0.7` (T=5; A, B counted at r_max 16)"),
+    "losa": Row("losa", "sparsity=0.7",
+                "`configs/losa.py:sparsity=0.7` (T=5; A, B counted at r_max 16)"),
     "full_ft": Row("full_ft", "", "`configs/full_ft.py`"),
 }
 _CONFIGS = flags.DEFINE_list("configs", list(ROWS), f"Rows to run, of {list(ROWS)}.")
@@ -141,6 +143,7 @@ def run_one(name: str, seed: int, root: Path, steps=None, pretrain_steps=None) -
     env = recorded.get("environment", {})
     return {"name": name, "seed": seed, "workdir": str(workdir), **metrics_of(summary),
             "train_seconds": summary["train_seconds"], "base_eval_loss": summary["base_eval_loss"],
+            "base_accuracy": summary["base_accuracy"]["mean"],
             "wall_seconds": json.loads(timing.read_text())["wall_seconds"]
             if timing.exists() else None,  # None: run by another command
             "reused": reused,
@@ -207,10 +210,15 @@ def render(results: dict) -> str:
     """The README block: how to regenerate it, the machine, the table."""
     agg = aggregate(results["runs"])
     seeds = sorted({s for a in agg.values() for s in a["seeds"]})
+    bases = {r["seed"]: r for r in results["runs"]}.values()  # one base per seed
+    loss = stats([r["base_eval_loss"] for r in bases])
+    acc = max(r.get("base_accuracy", 0.0) for r in bases)
     return "\n".join([
-        f"Mean ± sample std over seeds {', '.join(map(str, seeds))} (a seed changes the base, the "
-        "data and the adapters), from `docs/results/default.json`; regenerate with "
-        "`nice -n 10 python -m experiments.reproduce --readme`.",
+        f"Mean ± sample std over seeds {', '.join(map(str, seeds))} (a seed changes the "
+        "pretrained base, the data and the adapters; seed 0 is the configs' default run), from "
+        "`docs/results/default.json`; regenerate with `nice -n 10 python -m experiments.reproduce "
+        f"--readme`. The pretrained bases score at most {acc:.3f} mean accuracy on the held-out "
+        f"tasks, eval loss {loss[0]:.3f} ± {loss[1]:.3f}.",
         machine_line(results) + ".", "", markdown_table(agg)])
 
 
@@ -274,14 +282,17 @@ def check(results_path: Path, root: Path, seed: int) -> int:
     agg = aggregate(results["runs"])
     if "lora" not in agg:
         raise SystemExit(f"{results_path} has no lora runs to take a band from")
-    root = root / f"check_{time.strftime('%Y%m%d_%H%M%S')}"
-    root.mkdir(parents=True)
-    print(f"check: lora seed {seed} in {root} (fresh workdir; log {root}/lora_s{seed}.log)",
-          flush=True)
+    if seed in agg["lora"]["seeds"]:
+        raise SystemExit(f"--check_seed={seed} is one of the table's seeds "
+                         f"{agg['lora']['seeds']}; pick another")
+    root = root / "check"
+    root.mkdir(parents=True, exist_ok=True)
+    print(f"check: lora seed {seed} in {root}/lora_s{seed} (reused if complete: delete it for "
+          f"a fresh run; log {root}/lora_s{seed}.log)", flush=True)
     run = run_one("lora", seed, root)
     rows = compare(run, agg["lora"])
     print(f"lora seed {seed} vs {results_path} (seeds {agg['lora']['seeds']}; band = mean ± "
-          f"max(3·std, floor)), wall {run['wall_seconds']:.0f} s:\n{format_comparison(rows)}")
+          f"max(3·std, floor)):\n{format_comparison(rows)}")
     return 0 if all(ok for *_, ok in rows) else 1
 
 

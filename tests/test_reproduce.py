@@ -15,7 +15,8 @@ ENV = {"cpu": "AMD EPYC", "jax": "0.10.2", "backend": "cpu", "devices": "1 x cpu
 
 def fake_run(name, seed, dr, kv, loss, params=65536):
     return {"name": name, "seed": seed, "trainable_params": params, "digits_reverse": dr,
-            "kv_recall": kv, "mean": (dr + kv) / 2, "eval_loss": loss, "environment": ENV}
+            "kv_recall": kv, "mean": (dr + kv) / 2, "eval_loss": loss, "environment": ENV,
+            "base_eval_loss": 4.8 + seed / 10, "base_accuracy": 0.0}
 
 
 RUNS = [fake_run("lora", 0, 0.80, 0.40, 0.36), fake_run("lora", 1, 0.86, 0.36, 0.40),
@@ -62,6 +63,7 @@ def test_render_and_replace_block_round_trip():
     block = R.render(results)
     assert "Machine: AMD EPYC (cpu, 1 x cpu), jax 0.10.2, commit 5ea5208" in block
     assert "load average 2.50 at the start, 3.10 at the end" in block
+    assert "eval loss 4.900 ± 0.100" in block  # one base per seed: 4.8, 4.9, 5.0
     text = f"intro\n{R.MARK_BEGIN}\nold table\n{R.MARK_END}\nafter\n"
     new = R.replace_block(text, block)
     assert "old table" not in new and new.startswith("intro\n") and new.endswith("after\n")
@@ -88,3 +90,18 @@ def test_readme_table_is_the_rendering_of_the_committed_results():
     block = readme.split(R.MARK_BEGIN, 1)[1].split(R.MARK_END, 1)[0].strip()
     assert block == R.render(results), "README's table is stale: run experiments.reproduce --readme"
     assert (ROOT / "docs/results/default.md").read_text().strip() == block
+
+
+def test_check_compares_one_run_of_an_unused_seed_with_the_results_file(tmp_path, monkeypatch,
+                                                                          capsys):
+    results = tmp_path / "default.json"
+    results.write_text(json.dumps({"runs": RUNS}))
+    fresh = {"value": fake_run("lora", 3, 0.88, 0.37, 0.39)}
+    monkeypatch.setattr(R, "run_one", lambda name, seed, root: fresh["value"])
+    assert R.check(results, tmp_path, 3) == 0
+    assert "OUTSIDE" not in capsys.readouterr().out
+    fresh["value"] = fake_run("lora", 3, 0.88, 0.37, 0.60)  # eval loss far above the band
+    assert R.check(results, tmp_path, 3) == 1
+    assert "eval_loss" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="one of the table's seeds"):
+        R.check(results, tmp_path, 1)
