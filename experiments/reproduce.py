@@ -210,7 +210,8 @@ def render(results: dict) -> str:
     """The README block: how to regenerate it, the machine, the table."""
     agg = aggregate(results["runs"])
     seeds = sorted({s for a in agg.values() for s in a["seeds"]})
-    bases = {r["seed"]: r for r in results["runs"]}.values()  # one base per seed
+    first = next(iter(agg))  # its base evals: one per seed (QLoRA's is quantised, LoSA's pruned)
+    bases = [r for r in results["runs"] if r["name"] == first]
     loss = stats([r["base_eval_loss"] for r in bases])
     acc = max(r.get("base_accuracy", 0.0) for r in bases)
     return "\n".join([
@@ -218,7 +219,7 @@ def render(results: dict) -> str:
         "pretrained base, the data and the adapters; seed 0 is the configs' default run), from "
         "`docs/results/default.json`; regenerate with `nice -n 10 python -m experiments.reproduce "
         f"--readme`. The pretrained bases score at most {acc:.3f} mean accuracy on the held-out "
-        f"tasks, eval loss {loss[0]:.3f} ± {loss[1]:.3f}.",
+        f"tasks, eval loss {loss[0]:.3f} ± {loss[1]:.3f} (as the {first} runs see them).",
         machine_line(results) + ".", "", markdown_table(agg)])
 
 
