@@ -132,20 +132,21 @@ def run_one(name: str, seed: int, root: Path, steps=None, pretrain_steps=None) -
     timing = root / f"{workdir.name}.time.json"  # the wall time of the call that ran it
     reused = (workdir / "summary.json").exists()
     cfg = experiment(ROWS[name], seed, steps, pretrain_steps)
-    t0 = time.perf_counter()
+    t0, load0 = time.perf_counter(), load_average()
     with open(root / f"{workdir.name}.log", "a") as f, contextlib.redirect_stdout(f):
         summary = train_and_evaluate(cfg, workdir)
     if summary.get("interrupted"):
         raise SystemExit(f"{workdir}: interrupted at step {summary['step']}; rerun to resume")
     if not reused:
-        timing.write_text(json.dumps({"wall_seconds": time.perf_counter() - t0}) + "\n")
+        timing.write_text(json.dumps({"wall_seconds": time.perf_counter() - t0,
+                                      "load_average": [load0, load_average()]}) + "\n")
+    timed = json.loads(timing.read_text()) if timing.exists() else {}  # None: another command
     recorded = json.loads((workdir / "run.json").read_text()).get("recorded", {})
     env = recorded.get("environment", {})
     return {"name": name, "seed": seed, "workdir": str(workdir), **metrics_of(summary),
             "train_seconds": summary["train_seconds"], "base_eval_loss": summary["base_eval_loss"],
             "base_accuracy": summary["base_accuracy"]["mean"],
-            "wall_seconds": json.loads(timing.read_text())["wall_seconds"]
-            if timing.exists() else None,  # None: run by another command
+            "wall_seconds": timed.get("wall_seconds"), "load_average": timed.get("load_average"),
             "reused": reused,
             "environment": {k: env.get(k) for k in ("cpu", "jax", "backend", "devices")}
             | {"git_commit": (env.get("code") or {}).get("git_commit")}}
@@ -199,11 +200,14 @@ def machine_line(results: dict) -> str:
     envs = [r["environment"] for r in results["runs"]]
     join = lambda k: ", ".join(sorted({str(e.get(k)) for e in envs}))
     commits = sorted({(e.get("git_commit") or "unknown")[:7] for e in envs})
-    load = results.get("load_average")
+    loads = [x for r in results["runs"] for x in (r.get("load_average") or [])]
+    missing = sum(not r.get("load_average") for r in results["runs"])
+    load = (f"; load average {min(loads):.1f} to {max(loads):.1f} at the runs' starts and ends"
+            if loads else "; load average not recorded")
+    if loads and missing:
+        load += f" (not recorded for {missing} of {len(results['runs'])} runs)"
     return (f"Machine: {join('cpu')} ({join('backend')}, {join('devices')}), jax {join('jax')}, "
-            f"commit {', '.join(commits)}"
-            + (f"; load average {load[0]:.2f} at the start, {load[1]:.2f} at the end "
-               "(the CPUs are shared)" if load else ""))
+            f"commit {', '.join(commits)}{load}")
 
 
 def render(results: dict) -> str:
@@ -237,10 +241,12 @@ def replace_block(text: str, block: str) -> str:
 
 
 def band(agg_row: dict, metric: str) -> tuple[float, float]:
-    """``(lo, hi)`` a fresh seed should land in: mean ± max(3·std, floor); exact for counts."""
+    """``(lo, hi)`` a fresh seed should land in: mean ± max(3·std, floor), within [0, 1] for
+    accuracies; exact for the parameter count."""
     mean, std = agg_row[metric]
     half = max(3 * std, FLOORS.get(metric, 0.0))
-    return mean - half, mean + half
+    top = 1.0 if metric in (*TASKS, "mean") else math.inf  # accuracies stay in [0, 1]
+    return max(mean - half, 0.0), min(mean + half, top)
 
 
 def compare(run: dict, agg_row: dict) -> list[tuple[str, float, float, float, bool]]:
@@ -314,9 +320,9 @@ def main(argv):
     seeds = [int(s) for s in _SEEDS.value]
     root.mkdir(parents=True, exist_ok=True)
     plan = [(c, s) for s in seeds for c in _CONFIGS.value]  # seed-major: one base at a time
-    load0, runs = load_average(), []
-    print(f"reproduce: {len(plan)} runs under {root}; CPU {cpu()}; load average {load0:.2f}; "
-          f"commit {git_commit()}", flush=True)
+    runs = []
+    print(f"reproduce: {len(plan)} runs under {root}; CPU {cpu()}; load average "
+          f"{load_average():.2f}; commit {git_commit()}", flush=True)
     for i, (name, seed) in enumerate(plan, 1):
         name_s = run_name(name, seed, _STEPS.value, _PRE.value)
         print(f"[{i}/{len(plan)}] {name_s}: {command(ROWS[name], seed, str(root / name_s))} "
@@ -328,7 +334,7 @@ def main(argv):
         print(f"    {took}, train {r['train_seconds']:.0f} s: mean {r['mean']:.3f}, eval loss "
               f"{r['eval_loss']:.4f}", flush=True)
     results = {"command": " ".join(["python -m experiments.reproduce", *sys.argv[1:]]),
-               "load_average": [load0, load_average()], "runs": runs}
+               "runs": runs}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
     block = render(results)

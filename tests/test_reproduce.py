@@ -56,13 +56,15 @@ def test_band_is_three_std_with_a_floor_and_the_comparison_flags_outliers():
     assert "OUTSIDE" in R.format_comparison(outside)
     flat = {**agg, "eval_loss": (0.38, 0.001)}  # a tiny std: the floor decides
     assert R.band(flat, "eval_loss") == pytest.approx((0.35, 0.41))
+    assert R.band({**agg, "mean": (0.95, 0.05)}, "mean") == pytest.approx((0.80, 1.0))
 
 
 def test_render_and_replace_block_round_trip():
-    results = {"runs": RUNS, "load_average": [2.5, 3.1]}
-    block = R.render(results)
+    runs = [dict(r, load_average=[2.5 + i, 3.1]) for i, r in enumerate(RUNS)]
+    block = R.render({"runs": runs})
     assert "Machine: AMD EPYC (cpu, 1 x cpu), jax 0.10.2, commit 5ea5208" in block
-    assert "load average 2.50 at the start, 3.10 at the end" in block
+    assert "load average 2.5 to 5.5 at the runs' starts and ends" in block
+    assert "not recorded for 1 of 4 runs" in R.render({"runs": runs[:3] + RUNS[3:]})
     assert "eval loss 4.900 ± 0.100" in block  # one base per seed: 4.8, 4.9, 5.0
     text = f"intro\n{R.MARK_BEGIN}\nold table\n{R.MARK_END}\nafter\n"
     new = R.replace_block(text, block)
