@@ -503,13 +503,14 @@ def batch_sharded(forward, mesh):
     every device then computes the whole batch (the 7B step's temporaries grow ~256x). The
     constraint is applied by intercepting the Flax layers (Embed, Dense, DenseGeneral, Einsum, so
     any model works) to outputs whose leading axis is the batch; other axes stay unconstrained, so
-    tensor-parallel layouts are left to the rules. ``forward(trainable, frozen, inputs, ...)``.
+    tensor-parallel layouts are left to the rules. ``forward(trainable, frozen, inputs, ...)``,
+    ``inputs`` an array or a tuple of arrays (batch first).
     """
     spec = lambda ndim: NamedSharding(mesh, P(DATA_AXES, *[P.UNCONSTRAINED] * (ndim - 1)))
     layers = (nn.Embed, nn.Dense, nn.DenseGeneral, nn.Einsum)
 
     def wrapped(trainable, frozen, inputs, *args, **kwargs):
-        batch = inputs.shape[0]
+        batch = jax.tree.leaves(inputs)[0].shape[0]
 
         def constrain(next_fun, call_args, call_kwargs, context):
             out = next_fun(*call_args, **call_kwargs)

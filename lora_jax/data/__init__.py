@@ -1,10 +1,13 @@
 """Data for lora_jax: tokenizers, synthetic tasks, local text/JSONL datasets, a batch loader.
 
-Every dataset comes out as the same dict of numpy arrays, the contract with the trainer:
-`inputs` int32 (N, T), `targets` int32 (N, T) (next tokens), `loss_mask` float32 (N, T),
-`task_ids` int32 (N,). Pure numpy: nothing here imports JAX, and importing has no side effects.
+Every dataset comes out as a dict of numpy arrays, the contract with the trainer, whose keys
+depend on its kind (`kinds.py`, the table from `DataConfig.kind` to its loader): for language
+modelling `inputs` int32 (N, T), `targets` int32 (N, T) (next tokens), `loss_mask` float32 (N, T),
+`task_ids` int32 (N,); for classification the model's inputs, `labels` int32 (N,) and `task_ids`.
+Pure numpy: nothing here imports JAX, and importing has no side effects.
 """
 
+from lora_jax.data.kinds import KINDS, Kind, get_kind, vocab_size
 from lora_jax.data.loader import ArrayLoader
 from lora_jax.data.tasks import (
     TASKS,
@@ -21,10 +24,13 @@ __all__ = [
     "ArrayLoader",
     "ByteTokenizer",
     "HFTokenizer",
+    "KINDS",
+    "Kind",
     "TASKS",
     "TaskFamily",
     "Tokenizer",
     "exact_match",
+    "get_kind",
     "get_tokenizer",
     "load_jsonl",
     "load_text",
@@ -33,4 +39,5 @@ __all__ = [
     "rows_to_arrays",
     "shard_rows",
     "task_names",
+    "vocab_size",
 ]

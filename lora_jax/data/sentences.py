@@ -33,6 +33,7 @@ VERBS = ((("chase", "chases", "chased"), ("pursue", "pursues", "pursued")),
          (("call", "calls", "called"), ("phone", "phones", "phoned")),
          (("praise", "praises", "praised"), ("compliment", "compliments", "complimented")),
          (("leave", "leaves", "left"), ("abandon", "abandons", "abandoned")))
+TASK = "paraphrase"  # the task's name (its one task id, 0) in per-task accuracies
 KINDS = {1: ("synonyms", "passive"), 0: ("swapped", "passive_swapped", "negated", "other_object")}
 
 

@@ -1,4 +1,4 @@
-"""The jitted steps: one reusable train step over a user's loss, the token loss, evaluation.
+"""The jitted steps: one reusable train step over a user's loss, the objectives, evaluation.
 
 ``make_train_step(loss_fn, tx, shardings)`` is the one train step of lora_jax: the trainer, every
 ``experiments/bench*.py`` and user code build theirs with it. It knows no method and no model:
@@ -7,10 +7,16 @@ inside it with ``lj.regularizer``), gradients are taken with respect to ``traina
 ``trainable`` and the optimizer state are donated. With ``guard_nonfinite=True`` a step whose loss,
 gradient norm or update is not finite leaves the state unchanged (``metrics['finite']`` says so);
 ``first_nonfinite_leaf`` then names the culprit, outside the step, only when that flag trips.
+
+An ``Objective`` is what a data kind (``lora_jax.data.kinds``) is trained and scored on: the batch
+keys the model takes, the training loss and the per-example eval scores. ``objective_for(kind)``
+is the one map from ``DataConfig.kind`` to it: the token loss with exact match for language
+modelling, cross-entropy on ``labels`` with argmax accuracy for classification.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -32,6 +38,68 @@ def token_loss(logits, batch):
                                                          batch["targets"])
     mask = batch["loss_mask"]
     return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0), jnp.sum(mask)
+
+
+def token_scores(logits, batch):
+    """Per example: (loss sum (B,), scored tokens (B,), exact match (B,) bool); logits (B, T, V)."""
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                         batch["targets"])
+    mask = batch["loss_mask"]
+    correct = jnp.all((jnp.argmax(logits, -1) == batch["targets"]) | (mask <= 0), axis=-1)
+    return jnp.sum(ce * mask, -1), jnp.sum(mask, -1), correct
+
+
+def _class_logits(logits):
+    if not hasattr(logits, "ndim") or logits.ndim != 2:
+        got = type(logits).__name__ if not hasattr(logits, "shape") else logits.shape
+        raise ValueError(f"a classification data kind needs a model that returns logits "
+                         f"(batch, classes); got {got}: give the model a classifier head (e.g. "
+                         "--config.model.overrides=head=sequence,n_labels=2 for BERT)")
+    return logits.astype(jnp.float32)
+
+
+def class_loss(logits, batch):
+    """Mean cross-entropy of logits (B, classes) against ``batch['labels']`` int (B,)."""
+    return optax.softmax_cross_entropy_with_integer_labels(_class_logits(logits),
+                                                           batch["labels"]).mean()
+
+
+def class_scores(logits, batch):
+    """Per example: (cross-entropy (B,), ones (B,), argmax == label (B,) bool)."""
+    logits = _class_logits(logits)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+    return ce, jnp.ones_like(ce), jnp.argmax(logits, -1) == batch["labels"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What a run learns from its batches.
+
+    ``inputs``: batch keys passed to the model, positionally, in order; ``loss(logits, batch) ->
+    scalar`` (training); ``scores(logits, batch) -> (loss sum (B,), weight (B,), correct (B,))``
+    (evaluation: loss = Σ loss sum / Σ weight, accuracy = mean of correct).
+    """
+
+    inputs: tuple[str, ...]
+    loss: Callable
+    scores: Callable
+
+    def model_inputs(self, batch) -> tuple:
+        """The model's positional inputs from a batch dict."""
+        return tuple(batch[k] for k in self.inputs)
+
+
+_OBJECTIVES = {"lm": (lambda logits, batch: token_loss(logits, batch)[0], token_scores),
+               "classify": (class_loss, class_scores)}
+
+
+def objective_for(kind: str) -> Objective:
+    """The ``Objective`` of ``DataConfig.kind`` (``lora_jax.data.kinds``): its inputs and loss."""
+    k = D.get_kind(kind)
+    return Objective(k.inputs, *_OBJECTIVES[k.objective])
+
+
+LM = objective_for("tasks")
 
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
@@ -104,16 +172,18 @@ def first_nonfinite_leaf(loss_fn: Callable, tx: optax.GradientTransformation, tr
     return "loss" if not bool(jnp.isfinite(loss)) else "none found (not reproducible)"
 
 
-def make_eval_step(forward: Callable, shardings: sharding.TrainShardings | None = None):
-    """``eval_step(trainable, frozen, host_batch) -> (loss_sum, count, argmax predictions)``.
+def make_eval_step(forward: Callable, shardings: sharding.TrainShardings | None = None,
+                   objective: Objective = LM):
+    """``eval_step(trainable, frozen, host_batch) -> objective.scores`` (per-example arrays).
 
-    ``forward(trainable, frozen, inputs, task_ids, rng, train) -> logits``.
+    ``forward(trainable, frozen, inputs, task_ids, rng, train) -> logits``, ``inputs`` the tuple
+    ``objective.model_inputs(batch)``.
     """
 
     def eval_step(trainable, frozen, batch):
-        logits = forward(trainable, frozen, batch["inputs"], batch["task_ids"], None, False)
-        loss, n = token_loss(logits, batch)
-        return loss * n, n, jnp.argmax(logits, -1)
+        logits = forward(trainable, frozen, objective.model_inputs(batch), batch["task_ids"],
+                         None, False)
+        return objective.scores(logits, batch)
 
     if shardings is None:
         return jax.jit(eval_step)
@@ -124,17 +194,15 @@ def make_eval_step(forward: Callable, shardings: sharding.TrainShardings | None 
 
 
 def evaluate(eval_step, trainable, frozen, arrays, batch_size: int, tasks) -> dict[str, Any]:
-    """Eval loss and exact-match accuracy (per task and 'mean') on ``arrays``."""
-    n = len(arrays["inputs"])
-    loss_sum, count, preds = 0.0, 0.0, []
+    """Eval loss and accuracy (per task and 'mean') on ``arrays``, by ``eval_step``'s scores."""
+    n = len(arrays["task_ids"])
+    loss_sum, count, correct = 0.0, 0.0, []
     for start in range(0, n, batch_size):
         idx = np.arange(start, start + batch_size) % n  # pad the last batch by wrapping around
-        batch = {k: v[idx] for k, v in arrays.items()}
         keep = min(batch_size, n - start)
-        batch["loss_mask"][keep:] = 0.0
-        s, c, p = eval_step(trainable, frozen, batch)
-        loss_sum, count = loss_sum + float(s), count + float(c)
-        preds.append(np.asarray(p)[:keep])
-    correct = D.exact_match(np.concatenate(preds), arrays["targets"], arrays["loss_mask"])
-    acc = D.per_task_accuracy(correct, arrays["task_ids"], list(tasks))
+        s, c, ok = (np.asarray(x)[:keep] for x in
+                    eval_step(trainable, frozen, {k: v[idx] for k, v in arrays.items()}))
+        loss_sum, count = loss_sum + float(s.sum()), count + float(c.sum())
+        correct.append(ok)
+    acc = D.per_task_accuracy(np.concatenate(correct), arrays["task_ids"], list(tasks))
     return {"loss": loss_sum / max(count, 1.0), "accuracy": acc}

@@ -1,6 +1,7 @@
 """``train_and_evaluate(config, workdir)``: one experiment, top to bottom.
 
-1. model, tokenizer and data; 2. base parameters (pretrained once and cached, loaded from a Hugging
+1. model, tokenizer and data (of ``data.kind``: ``lora_jax.data.kinds``; its loss and scores:
+``steps.objective_for``); 2. base parameters (pretrained once and cached, loaded from a Hugging
 Face checkpoint, or freshly initialised); 3. adapters (or the whole model for full fine-tuning),
 with a report of what trains; 4. a jitted step (gradients w.r.t. the trainable tree only); 5. the
 loop: step → metrics → eval → checkpoint, resumable from the workdir after any interruption
@@ -35,8 +36,8 @@ from lora_jax.train import workdir as wd
 from lora_jax.train.config import (FULL, BaseConfig, DataConfig, Experiment, ModelConfig,
                                    OptimConfig, TrainConfig, fingerprint, to_dict)
 from lora_jax.train.metrics import MetricsWriter, Progress, format_duration
-from lora_jax.train.steps import (evaluate, first_nonfinite_leaf, make_eval_step,
-                                  make_train_step, token_loss)
+from lora_jax.train.steps import (LM, Objective, evaluate, first_nonfinite_leaf, make_eval_step,
+                                  make_train_step, objective_for)
 
 
 def log(msg: str) -> None:
@@ -57,23 +58,46 @@ def _overrides(text: str) -> dict[str, Any]:
     return out
 
 
-def build_model(mc: ModelConfig, vocab_size: int):
-    """``(module, model_config, params_or_None)``; params only for a Hugging Face checkpoint."""
+def build_model(mc: ModelConfig, vocab_size: int | None):
+    """``(module, model_config, params_or_None)``; params only for a Hugging Face checkpoint.
+
+    ``vocab_size``: the tokenizer's, or None for data without tokens (images).
+    """
     dtypes = dict(dtype=jnp.dtype(mc.dtype), param_dtype=jnp.dtype(mc.param_dtype))
     if mc.hf_path:
         module, params = models.load_hf_checkpoint(mc.hf_path, scan_layers=mc.scan_layers,
                                                    remat=mc.remat, **dtypes)
-        module = module.clone(cfg=dataclasses.replace(module.cfg, remat_policy=mc.remat_policy))
+        if hasattr(module.cfg, "remat_policy"):
+            module = module.clone(cfg=dataclasses.replace(module.cfg,
+                                                          remat_policy=mc.remat_policy))
         _check_vocab(module.cfg, vocab_size, mc)
         return module, module.cfg, params
-    module, cfg = models.get_model(mc.family, mc.preset, scan_layers=mc.scan_layers,
-                                   remat=mc.remat, remat_policy=mc.remat_policy, **dtypes,
+    module, cfg = models.get_model(mc.family, mc.preset, **_family_args(mc), **dtypes,
                                    **_overrides(mc.overrides))
     _check_vocab(cfg, vocab_size, mc)
     return module, cfg, None
 
 
-def _check_vocab(model_cfg, vocab_size: int, mc: ModelConfig) -> None:
+def _family_args(mc: ModelConfig) -> dict:
+    """``scan_layers``, ``remat``, ``remat_policy``: those the family's config has (BERT and ViT
+    have no ``remat_policy``); a field it lacks must keep ModelConfig's default."""
+    _, default = models.get_model(mc.family, mc.preset)
+    args = dict(scan_layers=mc.scan_layers, remat=mc.remat, remat_policy=mc.remat_policy)
+    for k, v in args.items():
+        if not hasattr(default, k) and v != getattr(ModelConfig, k):
+            raise ValueError(f"model.{k}={v!r}: the {mc.family!r} family has no {k}; leave it "
+                             "at its default")
+    return {k: v for k, v in args.items() if hasattr(default, k)}
+
+
+def _check_vocab(model_cfg, vocab_size: int | None, mc: ModelConfig) -> None:
+    if (vocab_size is None) != (getattr(model_cfg, "vocab_size", None) is None):
+        reads = "tokens" if vocab_size is None else "no tokens"
+        raise ValueError(f"model {mc.family!r} reads {reads} but the data kind gives the "
+                         "other; pair a token model with a token data.kind and an image model "
+                         "with data.kind='images'")
+    if vocab_size is None:
+        return
     if model_cfg.vocab_size < vocab_size:
         fix = ("use a tokenizer of at most that size (--config.data.tokenizer=PATH/tokenizer.json)"
                if mc.hf_path else "set --config.model.overrides=vocab_size=N")
@@ -81,7 +105,7 @@ def _check_vocab(model_cfg, vocab_size: int, mc: ModelConfig) -> None:
                          f"{vocab_size}; {fix}")
 
 
-def check_model(mc: ModelConfig, vocab_size: int) -> None:
+def check_model(mc: ModelConfig, vocab_size: int | None) -> None:
     """Validates ``mc`` cheaply (no weights read): family, preset, overrides, HF config.json."""
     if mc.hf_path:
         path = Path(mc.hf_path) / "config.json"
@@ -92,47 +116,25 @@ def check_model(mc: ModelConfig, vocab_size: int) -> None:
                              "Face model directory (config.json + model.safetensors)")
         _check_vocab(models.hf.config_from_hf(hf), vocab_size, mc)
         return
+    _family_args(mc)
     _, cfg = models.get_model(mc.family, mc.preset, **_overrides(mc.overrides))
     _check_vocab(cfg, vocab_size, mc)
 
 
 def data_files(dc: DataConfig) -> list[str]:
     """The local files the data config reads (their digests are recorded in ``run.json``)."""
-    return [dc.train_path, dc.eval_path] if dc.kind in ("jsonl", "text") else []
+    return D.get_kind(dc.kind).files(dc)
 
 
 def check_data(dc: DataConfig) -> None:
     """Validates the data config without loading it: kind, task names, files."""
-    if dc.kind == "tasks":
-        unknown = [t for t in dc.tasks if t not in D.TASKS]
-        if unknown:
-            raise ValueError(f"unknown data.tasks {unknown}; known: {sorted(D.TASKS)}")
-        return
-    if dc.kind not in ("jsonl", "text"):
-        raise ValueError(f"unknown data.kind {dc.kind!r}; use 'tasks', 'jsonl' or 'text'")
-    if not dc.train_path or not dc.eval_path:
-        raise ValueError(f"data.kind={dc.kind!r} needs data.train_path and data.eval_path")
-    for p in data_files(dc):
-        if not Path(p).is_file():
-            raise ValueError(f"data file {p!r} does not exist; check data.train_path/eval_path")
+    D.get_kind(dc.kind).check(dc)
 
 
 def load_data(dc, tokenizer, process_index: int = 0, process_count: int = 1):
-    """``(train_arrays, eval_arrays, task_names)`` for the data config."""
-    if dc.kind == "tasks":
-        make = lambda split, n: D.make_task_dataset(dc.tasks, split, n, dc.seed, dc.seq_len,
-                                                    tokenizer)
-        return make("train", dc.n_train_per_task), make("eval", dc.n_eval_per_task), dc.tasks
-    if dc.kind == "jsonl":
-        load = lambda p: D.load_jsonl(p, tokenizer, dc.seq_len)
-    elif dc.kind == "text":
-        load = lambda p: D.load_text([p], tokenizer, dc.seq_len)
-    else:
-        raise ValueError(f"unknown data.kind {dc.kind!r}; use 'tasks', 'jsonl' or 'text'")
-    if not dc.train_path or not dc.eval_path:
-        raise ValueError(f"data.kind={dc.kind!r} needs data.train_path and data.eval_path")
-    train = D.shard_rows(load(dc.train_path), process_index, process_count)
-    return train, load(dc.eval_path), ("all",)
+    """``(train_arrays, eval_arrays, task_names)`` for the data config (``tokenizer`` from
+    ``D.get_kind(dc.kind).tokenizer(dc)``)."""
+    return D.get_kind(dc.kind).load(dc, tokenizer, process_index, process_count)
 
 
 # ----------------------------------------------------------------------------- base parameters
@@ -265,12 +267,13 @@ class Setup:
 
     trainable: Any
     frozen: Any
-    forward: Callable  # (trainable, frozen, inputs, task_ids, rng, train) -> logits
+    forward: Callable  # (trainable, frozen, inputs (a tuple), task_ids, rng, train) -> logits
     penalty: Callable  # (trainable, frozen) -> scalar added to the loss (methods' regularisers)
     tx: optax.GradientTransformation
     export: Callable  # (trainable, frozen, workdir) -> None
     methods: tuple = ()  # the adapter methods (empty for full fine-tuning)
     lr: Callable | None = None  # the base learning-rate schedule (logged; groups may scale it)
+    objective: Objective = LM  # the data kind's model inputs, loss and scores
 
 
 def build_method(cfg: Experiment) -> lj.Method:
@@ -294,7 +297,7 @@ def full_setup(cfg: Experiment, model, params) -> Setup:
     """Full fine-tuning, the baseline: every parameter trains as itself; no adapters."""
 
     def forward(trainable, frozen, inputs, task_ids, rng, train):
-        return model.apply({"params": trainable}, inputs, deterministic=not train,
+        return model.apply({"params": trainable}, *inputs, deterministic=not train,
                            rngs=_rngs(rng))
 
     tx = clipped(cfg.optim, make_optimizer(cfg.optim, cfg.train.steps))
@@ -316,7 +319,7 @@ def adapter_setup(cfg: Experiment, model, params, example) -> Setup:
     log(lj.summary(params, adapters))
 
     def forward(trainable, frozen, inputs, task_ids, rng, train):
-        return lj.apply(model, frozen["params"], lj.join(trainable, frozen["state"]), inputs,
+        return lj.apply(model, frozen["params"], lj.join(trainable, frozen["state"]), *inputs,
                         train=train, task_ids=task_ids, rngs=_rngs(rng),
                         deterministic=not train)
 
@@ -331,18 +334,21 @@ def adapter_setup(cfg: Experiment, model, params, example) -> Setup:
 
 
 def make_setup(cfg: Experiment, model, params, example) -> Setup:
-    if cfg.full_finetune:
-        return full_setup(cfg, model, params)
-    return adapter_setup(cfg, model, params, example)
+    setup = (full_setup(cfg, model, params) if cfg.full_finetune
+             else adapter_setup(cfg, model, params, example))
+    return dataclasses.replace(setup, objective=objective_for(cfg.data.kind))
 
 
 def make_loss(setup: Setup, sh: sharding.TrainShardings | None = None) -> Callable:
-    """``loss_fn(trainable, frozen, batch, rng) -> scalar``: token loss plus the methods' penalty."""
+    """``loss_fn(trainable, frozen, batch, rng) -> scalar``: the objective's loss (the token loss
+    for language modelling) plus the methods' penalty."""
     forward = setup.forward if sh is None else sharding.batch_sharded(setup.forward, sh.mesh)
+    objective = setup.objective
 
     def loss_fn(trainable, frozen, batch, rng):
-        logits = forward(trainable, frozen, batch["inputs"], batch["task_ids"], rng, True)
-        return token_loss(logits, batch)[0] + setup.penalty(trainable, frozen)
+        logits = forward(trainable, frozen, objective.model_inputs(batch), batch["task_ids"], rng,
+                         True)
+        return objective.loss(logits, batch) + setup.penalty(trainable, frozen)
 
     return loss_fn
 
@@ -352,7 +358,7 @@ def make_steps(setup: Setup, sh: sharding.TrainShardings | None = None):
     on a non-finite step (``metrics['finite']`` is False then)."""
     forward = setup.forward if sh is None else sharding.batch_sharded(setup.forward, sh.mesh)
     return (make_train_step(make_loss(setup, sh), setup.tx, sh, guard_nonfinite=True),
-            make_eval_step(forward, sh))
+            make_eval_step(forward, sh, setup.objective))
 
 
 def shard_setup(cfg: Experiment, model, example, setup: Setup) -> sharding.TrainShardings:
@@ -384,8 +390,12 @@ def validate(cfg: Experiment) -> None:
     if not cfg.full_finetune:
         build_method(cfg)  # the method validates its own arguments
         adapter_spec(cfg)
-    check_model(cfg.model, D.get_tokenizer(cfg.data.tokenizer).vocab_size)
     check_data(cfg.data)
+    kind = D.get_kind(cfg.data.kind)
+    check_model(cfg.model, D.vocab_size(kind.tokenizer(cfg.data)))
+    if cfg.train.eval_generate and kind.objective != "lm":
+        raise ValueError(f"train.eval_generate decodes text; data.kind={cfg.data.kind!r} is "
+                         "classification: set it False")
     if cfg.base.source not in ("pretrain", "init", "hf"):
         raise ValueError(f"unknown base.source {cfg.base.source!r}; use 'pretrain', 'init', 'hf'")
     if cfg.base.source == "hf" and not cfg.model.hf_path:
@@ -572,10 +582,11 @@ def _run(cfg: Experiment, workdir: Path) -> dict:
     for line in wd.check_data_unchanged(first.get("data", {}),
                                         allow_change=cfg.train.allow_data_change):
         log(line)
-    tokenizer = D.get_tokenizer(cfg.data.tokenizer)
-    model, model_cfg, hf_params = build_model(cfg.model, tokenizer.vocab_size)
+    kind = D.get_kind(cfg.data.kind)
+    tokenizer = kind.tokenizer(cfg.data)
+    model, model_cfg, hf_params = build_model(cfg.model, D.vocab_size(tokenizer))
     train_arrays, eval_arrays, tasks = load_data(cfg.data, tokenizer)
-    example = jnp.zeros((1, cfg.data.seq_len), jnp.int32)
+    example = jnp.asarray(kind.example(cfg.data))
     params = base_params(cfg, model, hf_params, example)
     if params is None or PREEMPTION.requested_anywhere():
         return _interrupted(workdir, 0, "during start-up")

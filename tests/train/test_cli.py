@@ -114,8 +114,8 @@ def test_a_value_error_from_the_run_is_one_line(tmp_path):
     proc = run("experiments.train", "--config=configs/lora.py", f"--workdir={tmp_path}/w",
                "--config.base.source=init", "--config.data.kind=csv")
     assert proc.returncode == 1
-    assert proc.stderr.splitlines() == ["error: unknown data.kind 'csv'; use 'tasks', 'jsonl' or "
-                                        "'text'"]
+    assert proc.stderr.splitlines() == ["error: unknown data.kind 'csv'; use 'tasks', 'jsonl', "
+                                        "'text', 'sentences' or 'images'"]
 
 
 def test_sweep_checks_its_shared_config_flags_too(tmp_path):

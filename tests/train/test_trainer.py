@@ -33,10 +33,11 @@ CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py")
 
 def tiny(cfg: Experiment, steps: int = 2) -> Experiment:
     """Shrinks any experiment to a few seconds: a 2-layer d=32 model from a random init, wider
-    when the adapter rank needs it (rank <= min(d_in, d_out) of every adapted kernel)."""
-    overrides = TINY_OVERRIDES[cfg.model.family]
+    when the adapter rank needs it (rank <= min(d_in, d_out) of every adapted kernel). The
+    encoder families (bert, vit) keep their config's overrides (the head) on the tiny preset."""
+    overrides = TINY_OVERRIDES.get(cfg.model.family, cfg.model.overrides)
     width = _width(cfg)
-    if width > 32:
+    if width > 32 and cfg.model.family in TINY_OVERRIDES:
         overrides += f",d_model={width}" + (f",d_ff={width},n_kv_heads=2"
                                             if cfg.model.family == "llama" else "")
     return dataclasses.replace(
@@ -87,9 +88,10 @@ def test_every_sweep_point_builds_and_trains_one_step(name, tmp_path):
         config = common.apply_overrides(module.get_config(""), overrides)
         cfg = tiny(from_dict(Experiment, config.to_dict()), steps=1)
         if not cfg.full_finetune:
-            tok = trainer.D.get_tokenizer(cfg.data.tokenizer)
-            model, _, _ = trainer.build_model(cfg.model, tok.vocab_size)
-            example = jnp.zeros((1, cfg.data.seq_len), jnp.int32)
+            kind = trainer.D.get_kind(cfg.data.kind)
+            vocab = trainer.D.vocab_size(kind.tokenizer(cfg.data))
+            model, _, _ = trainer.build_model(cfg.model, vocab)
+            example = jnp.asarray(kind.example(cfg.data))
             params = jax.eval_shape(lambda: trainer.base_params(cfg, model, None, example))
             layouts = trainer.lj.trace_layouts(model, params, example)
             jax.eval_shape(lambda p: trainer.lj.init_adapters(
