@@ -17,7 +17,7 @@ pretrained on ``plain_0to4`` is ``experiments/vision.py``'s (docs/vision.md). Wh
 
 from configs import common
 
-LRS = {"lora": 3e-3, "dora": 1e-2, "full": 1e-3}  # peak of the cosine; other methods: 3e-3
+LRS = {"lora": 3e-3, "dora": 1e-2, "full": 3e-3}  # experiments/vision.py's picks; others: 3e-3
 
 
 def get_config(arg: str = ""):

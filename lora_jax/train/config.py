@@ -32,14 +32,15 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Training and evaluation data: the built-in task suite, or local text / JSONL files."""
+    """Training and evaluation data: the built-in task suite, local text / JSONL files, or a
+    classification kind ('sentences', 'images'); ``lora_jax.data.kinds`` says what each reads."""
 
-    kind: str = "tasks"  # 'tasks' | 'jsonl' | 'text'
+    kind: str = "tasks"  # 'tasks' | 'jsonl' | 'text' (LM); 'sentences' | 'images' (classification)
     tasks: tuple[str, ...] = ("digits_reverse", "kv_recall")
     n_train_per_task: int = 4000
     n_eval_per_task: int = 256
     seq_len: int = 24
-    tokenizer: str = "byte"  # 'byte' or a path to tokenizer.json
+    tokenizer: str = "byte"  # 'byte' or a tokenizer.json path ('sentences': 'template' or BERT's)
     train_path: str = ""
     eval_path: str = ""
     seed: int = 0
