@@ -92,10 +92,11 @@ def _family_args(mc: ModelConfig) -> dict:
 
 def _check_vocab(model_cfg, vocab_size: int | None, mc: ModelConfig) -> None:
     if (vocab_size is None) != (getattr(model_cfg, "vocab_size", None) is None):
-        reads = "tokens" if vocab_size is None else "no tokens"
-        raise ValueError(f"model {mc.family!r} reads {reads} but the data kind gives the "
-                         "other; pair a token model with a token data.kind and an image model "
-                         "with data.kind='images'")
+        model_reads, data_gives = ("tokens", "no tokens") if vocab_size is None else \
+            ("no tokens", "tokens")
+        raise ValueError(f"model {mc.family!r} reads {model_reads} but data.kind gives "
+                         f"{data_gives}; pair a token model with a token data.kind and an image "
+                         "model with data.kind='images'")
     if vocab_size is None:
         return
     if model_cfg.vocab_size < vocab_size:
