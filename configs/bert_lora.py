@@ -8,11 +8,14 @@ Arg keys: method ('lora', 'dora', 'full', ...: a registered method or full fine-
 learning rate from ``LRS`` unless ``lr=`` is given), rank, targets, steps, lr. The task
 (``lora_jax.data.sentences``): does sentence B mean the same as sentence A? Eval pairs use
 (subject, object) pairs never seen in training; accuracy is per task ('paraphrase') as in the LM
-runs. The model is BERT ``tiny`` (d=64, 2 layers) with a 2-way classifier on the [CLS] pooler,
-the tokenizer a WordPiece vocab of the templates' words (``data.tokenizer='template'``), the base
-a fresh init (``base.source='init'``), so "base" is chance. Adapters train the 'all-linear' kernels
-and the classifier (a module to save). ``experiments/bert_probe.py`` does the same comparison on
-the real all-MiniLM-L6-v2 weights, outside the trainer. What it reached: see docs/vision.md.
+runs. The model is BERT ``tiny`` (d=64, 2 layers) with a 2-way classifier on the mean-pooled
+tokens (as all-MiniLM-L6-v2; on the [CLS] pooler LoRA from init reached only 0.766); the
+tokenizer a WordPiece vocab of the templates' words (``data.tokenizer='template'``); the base a
+fresh init (``base.source='init'``), so its accuracy is chance. Adapters train the 'all-linear'
+kernels and the classifier (a module to save). ``experiments/bert_probe.py`` makes the same
+comparison on the real all-MiniLM-L6-v2 weights, outside the trainer. What it reached (busy
+2-core CPU, seed 0, 300 steps, under 1 min each): base 0.510, LoRA 0.969 (18,562 trainable),
+DoRA 0.967, full 0.977 (141,314) (docs/vision.md).
 """
 
 from configs import common
