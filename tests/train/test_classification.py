@@ -80,3 +80,16 @@ def test_an_image_model_on_token_data_is_refused_before_the_workdir(tmp_path):
     with pytest.raises(ValueError, match="model 'vit' reads no tokens"):
         train_and_evaluate(cfg, tmp_path / "w")
     assert not (tmp_path / "w").exists()
+
+
+def test_evaluate_counts_each_example_once_when_the_last_batch_wraps_around():
+    """5 rows in batches of 4: the second batch is padded by wrapping around (rows 4, 0, 1, 2);
+    only row 4 of it may count, for the loss as for the accuracy."""
+    from lora_jax.train.steps import evaluate
+
+    arrays = {"x": np.arange(5.0), "task_ids": np.array([0, 0, 0, 1, 1], np.int32)}
+    step = lambda t, f, b: (b["x"], np.ones_like(b["x"]), b["x"] % 2 == 0)  # scores per row
+    out = evaluate(step, None, None, arrays, 4, ("a", "b"))
+    assert out["loss"] == pytest.approx(2.0)  # mean of 0..4
+    assert out["accuracy"] == {"a": pytest.approx(2 / 3), "b": 0.5,
+                               "mean": pytest.approx((2 / 3 + 0.5) / 2)}
