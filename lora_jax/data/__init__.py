@@ -7,7 +7,7 @@ modelling `inputs` int32 (N, T), `targets` int32 (N, T) (next tokens), `loss_mas
 Pure numpy: nothing here imports JAX, and importing has no side effects.
 """
 
-from lora_jax.data.kinds import KINDS, Kind, get_kind, vocab_size
+from lora_jax.data.kinds import KINDS, Kind, get_kind, pretrain_kind, vocab_size
 from lora_jax.data.loader import ArrayLoader
 from lora_jax.data.tasks import (
     TASKS,
@@ -36,6 +36,7 @@ __all__ = [
     "load_text",
     "make_task_dataset",
     "per_task_accuracy",
+    "pretrain_kind",
     "rows_to_arrays",
     "shard_rows",
     "task_names",

@@ -45,6 +45,7 @@ class Kind:
     load: Callable[..., tuple]  # (dc, tokenizer, process_index, process_count) -> (train, eval,
     #                             task names)
     files: Callable[[Any], list[str]] = lambda dc: []  # local files read (digests in run.json)
+    pretrain_kind: str = ""  # the built-in kind a cached base is pretrained on ('' = itself)
 
 
 def _check_tasks(dc, known) -> None:
@@ -118,9 +119,9 @@ _LM = dict(inputs=("inputs",), objective="lm", tokenizer=lambda dc: get_tokenize
 KINDS: dict[str, Kind] = {
     "tasks": Kind(**_LM, check=lambda dc: _check_tasks(dc, TASKS), load=_load_tasks),
     "jsonl": Kind(**_LM, check=_check_files, load=_file_loader(load_jsonl),
-                  files=lambda dc: [dc.train_path, dc.eval_path]),
+                  files=lambda dc: [dc.train_path, dc.eval_path], pretrain_kind="tasks"),
     "text": Kind(**_LM, check=_check_files, load=_file_loader(lambda p, t, n: load_text([p], t, n)),
-                 files=lambda dc: [dc.train_path, dc.eval_path]),
+                 files=lambda dc: [dc.train_path, dc.eval_path], pretrain_kind="tasks"),
     "sentences": Kind(inputs=("tokens", "token_types", "mask"), objective="classify",
                       check=_check_sentences, tokenizer=_sentence_tokenizer,
                       example=_tokens_example, load=_load_sentences),
@@ -136,6 +137,12 @@ def get_kind(name: str) -> Kind:
         *rest, last = (repr(k) for k in KINDS)
         raise ValueError(f"unknown data.kind {name!r}; use {', '.join(rest)} or {last}")
     return KINDS[name]
+
+
+def pretrain_kind(name: str) -> str:
+    """The kind whose built-in tasks (`BaseConfig.pretrain_tasks`) pretrain a base for `name`:
+    the LM task suite for every LM kind, the kind itself for the classification kinds."""
+    return get_kind(name).pretrain_kind or name
 
 
 def vocab_size(tokenizer) -> int | None:

@@ -93,3 +93,10 @@ def test_evaluate_counts_each_example_once_when_the_last_batch_wraps_around():
     assert out["loss"] == pytest.approx(2.0)  # mean of 0..4
     assert out["accuracy"] == {"a": pytest.approx(2 / 3), "b": 0.5,
                                "mean": pytest.approx((2 / 3 + 0.5) / 2)}
+
+
+def test_a_base_is_pretrained_on_built_in_tasks_with_the_same_objective():
+    for name, kind in D.KINDS.items():
+        pre = D.get_kind(D.pretrain_kind(name))
+        assert pre.objective == kind.objective and pre.files(None) == [], name
+    assert D.pretrain_kind("jsonl") == "tasks" and D.pretrain_kind("images") == "images"
