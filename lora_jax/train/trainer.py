@@ -159,7 +159,7 @@ def pretrain_experiment(cfg: Experiment) -> Experiment:
         base=BaseConfig(source="init", pretrain_tasks=b.pretrain_tasks,
                         pretrain_steps=b.pretrain_steps, pretrain_lr=b.pretrain_lr,
                         pretrain_batch_size=b.pretrain_batch_size, seed=b.seed),
-        data=DataConfig(kind="tasks", tasks=b.pretrain_tasks, seq_len=d.seq_len,
+        data=DataConfig(kind=D.pretrain_kind(d.kind), tasks=b.pretrain_tasks, seq_len=d.seq_len,
                         tokenizer=d.tokenizer, seed=d.seed),
         optim=OptimConfig(lr=b.pretrain_lr),
         train=TrainConfig(steps=b.pretrain_steps, batch_size=b.pretrain_batch_size,

@@ -106,7 +106,7 @@ class WorkdirLock:
     def __enter__(self) -> "WorkdirLock":
         self.workdir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        waiting = False
+        polls, logged = 0, False
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -117,12 +117,15 @@ class WorkdirLock:
                     os.close(fd)
                     raise WorkdirBusy(f"workdir {self.workdir} is in use by pid {pid} on host "
                                       f"{host}; stop it or use another --workdir") from None
-                if not waiting and self.log is not None:
+                # The holder writes its pid just after locking: name it once it is there.
+                if not logged and self.log is not None and (pid != "?" or polls >= 25):
                     self.log(f"waiting for pid {pid} on host {host}, which holds {self.path}")
-                waiting = True
+                    logged = True
+                polls += 1
                 time.sleep(self.poll_s)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        text = f"{os.getpid()} {socket.gethostname()}\n".encode()
+        os.pwrite(fd, text, 0)
+        os.ftruncate(fd, len(text))
         self.fd = fd
         return self
 
