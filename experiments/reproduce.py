@@ -65,16 +65,22 @@ ROWS = {
                 "`configs/losa.py:sparsity=0.7` (T=5; A, B counted at r_max 16)"),
     "full_ft": Row("full_ft", "", "`configs/full_ft.py`"),
 }
-_CONFIGS = flags.DEFINE_list("configs", list(ROWS), f"Rows to run, of {list(ROWS)}.")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (each: base, data and run seed).")
-_STEPS = flags.DEFINE_integer("steps", None, "Override train.steps (smoke runs only).")
-_PRE = flags.DEFINE_integer("pretrain_steps", None, "Override base.pretrain_steps (smoke runs).")
-_WORKDIR = flags.DEFINE_string("workdir", "runs/reproduce", "Parent of the runs' workdirs.")
-_OUT = flags.DEFINE_string("out", "docs/results/default.json", "Per-run results (JSON); the "
-                           "table goes beside it as .md.")
-_README = flags.DEFINE_bool("readme", False, "Rewrite README.md's table between the markers.")
-_CHECK = flags.DEFINE_bool("check", False, "Run one fresh LoRA seed; compare with --out's band.")
-_CHECK_SEED = flags.DEFINE_integer("check_seed", 3, "The seed --check runs.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command line's flags; defined only when run as a script, so tests and other
+    experiments (whose flags share absl's one registry: --seeds, --workdir) can import this."""
+    flags.DEFINE_list("configs", list(ROWS), f"Rows to run, of {list(ROWS)}.")
+    flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (each: base, data and run seed).")
+    flags.DEFINE_integer("steps", None, "Override train.steps (smoke runs only).")
+    flags.DEFINE_integer("pretrain_steps", None, "Override base.pretrain_steps (smoke runs).")
+    flags.DEFINE_string("workdir", "runs/reproduce", "Parent of the runs' workdirs.")
+    flags.DEFINE_string("out", "docs/results/default.json", "Per-run results (JSON); the "
+                        "table goes beside it as .md.")
+    flags.DEFINE_bool("readme", False, "Rewrite README.md's table between the markers.")
+    flags.DEFINE_bool("check", False, "Run one fresh LoRA seed; compare with --out's band.")
+    flags.DEFINE_integer("check_seed", 3, "The seed --check runs.")
 
 
 # ----------------------------------------------------------------------------- configs and runs
@@ -308,26 +314,26 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:  # orbax logs every checkpoint at INFO
         logging.set_verbosity(logging.WARNING)
-    root, out = Path(_WORKDIR.value), Path(_OUT.value)
-    if _CHECK.value:
-        if _STEPS.value is not None or _PRE.value is not None:
+    root, out = Path(FLAGS.workdir), Path(FLAGS.out)
+    if FLAGS.check:
+        if FLAGS.steps is not None or FLAGS.pretrain_steps is not None:
             raise app.UsageError("--check compares with the full-length runs; drop --steps and "
                                  "--pretrain_steps")
-        raise SystemExit(check(out, root, _CHECK_SEED.value))
-    unknown = [c for c in _CONFIGS.value if c not in ROWS]
+        raise SystemExit(check(out, root, FLAGS.check_seed))
+    unknown = [c for c in FLAGS.configs if c not in ROWS]
     if unknown:
         raise app.UsageError(f"--configs: unknown {unknown}; known {list(ROWS)}")
-    seeds = [int(s) for s in _SEEDS.value]
+    seeds = [int(s) for s in FLAGS.seeds]
     root.mkdir(parents=True, exist_ok=True)
-    plan = [(c, s) for s in seeds for c in _CONFIGS.value]  # seed-major: one base at a time
+    plan = [(c, s) for s in seeds for c in FLAGS.configs]  # seed-major: one base at a time
     runs = []
     print(f"reproduce: {len(plan)} runs under {root}; CPU {cpu()}; load average "
           f"{load_average():.2f}; commit {git_commit()}", flush=True)
     for i, (name, seed) in enumerate(plan, 1):
-        name_s = run_name(name, seed, _STEPS.value, _PRE.value)
+        name_s = run_name(name, seed, FLAGS.steps, FLAGS.pretrain_steps)
         print(f"[{i}/{len(plan)}] {name_s}: {command(ROWS[name], seed, str(root / name_s))} "
               f"(log {root / name_s}.log)", flush=True)
-        r = run_one(name, seed, root, _STEPS.value, _PRE.value)
+        r = run_one(name, seed, root, FLAGS.steps, FLAGS.pretrain_steps)
         runs.append(r)
         took = ("reused, " if r["reused"] else "") + (
             f"{r['wall_seconds']:.0f} s wall" if r["wall_seconds"] is not None else "wall unknown")
@@ -340,11 +346,12 @@ def main(argv):
     block = render(results)
     out.with_suffix(".md").write_text(block + "\n")
     print(f"\nwrote {out} and {out.with_suffix('.md')}\n\n{block}")
-    if _README.value:
+    if FLAGS.readme:
         readme = ROOT / "README.md"
         readme.write_text(replace_block(readme.read_text(), block))
         print(f"rewrote the table in {readme}")
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
