@@ -42,7 +42,7 @@ from lora_jax.train import checkpoint, trainer
 from lora_jax.train import workdir as wd
 from lora_jax.train.config import Experiment, to_dict
 from lora_jax.train.metrics import MetricsWriter, Progress
-from lora_jax.train.steps import evaluate, make_eval_step, token_loss
+from lora_jax.train.steps import token_loss
 
 # What may differ between the points of one group (the rest of the config must be equal).
 PER_POINT = ("seed", "adapter.rank", "adapter.alpha", "adapter.rslora", "optim.*",
@@ -114,6 +114,13 @@ def plan_groups(cfgs: Sequence[Experiment]) -> tuple[list[list[int]], dict[int, 
 # ----------------------------------------------------------------------------- the step
 
 
+def _bank(trainables, states):
+    """The points' adapters as one bank (slot i = point i), padded to the largest rank inside the
+    traced function: the padding is no parameter and gets no gradient."""
+    return lj.stack_adapters({str(i): lj.join(t, s)
+                              for i, (t, s) in enumerate(zip(trainables, states))})
+
+
 def make_group_step(model, setups: Sequence[trainer.Setup]) -> Callable:
     """``step(trainables, opt_states, params, states, batch, ids) -> (trainables, opt_states,
     out)`` for K points.
@@ -125,8 +132,7 @@ def make_group_step(model, setups: Sequence[trainer.Setup]) -> Callable:
     k = len(setups)
 
     def losses_fn(trainables, params, states, batch, ids):
-        bank = lj.stack_adapters({str(i): lj.join(t, s)
-                                  for i, (t, s) in enumerate(zip(trainables, states))})
+        bank = _bank(trainables, states)
         logits = lj.apply(model, params, bank, batch["inputs"], train=True, adapter_ids=ids,
                           task_ids=batch["task_ids"], deterministic=False)
         rows = lambda x: x.reshape((k, -1) + x.shape[1:])
@@ -155,6 +161,46 @@ def make_group_step(model, setups: Sequence[trainer.Setup]) -> Callable:
     return jax.jit(step, donate_argnums=(0, 1))
 
 
+def make_group_eval(model, k: int) -> Callable:
+    """``eval(trainables, params, states, batch, ids) -> (loss_sums (K,), counts (K,), argmax
+    (K·B, seq))`` over the points' eval batches concatenated."""
+
+    def ev(trainables, params, states, batch, ids):
+        logits = lj.apply(model, params, _bank(trainables, states), batch["inputs"],
+                          adapter_ids=ids, task_ids=batch["task_ids"], deterministic=True)
+        rows = lambda x: x.reshape((k, -1) + x.shape[1:])
+        lg, tg, mk = rows(logits), rows(batch["targets"]), rows(batch["loss_mask"])
+        out = [token_loss(lg[i], {"targets": tg[i], "loss_mask": mk[i]}) for i in range(k)]
+        return (jnp.stack([l * n for l, n in out]), jnp.stack([n for _, n in out]),
+                jnp.argmax(logits, -1))
+
+    return jax.jit(ev)
+
+
+def evaluate_group(ev, trainables, params, states, arrays, batch_size: int, tasks) -> list[dict]:
+    """Each point's eval loss and accuracy on ``arrays``, as ``steps.evaluate`` gives its solo
+    run (same batches, the last one padded by wrapping around and masked)."""
+    k, n = len(trainables), len(arrays["inputs"])
+    ids = jnp.repeat(jnp.arange(k, dtype=jnp.int32), batch_size)
+    sums, counts, preds = np.zeros(k), np.zeros(k), []
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, start + batch_size) % n
+        batch = {key: v[idx] for key, v in arrays.items()}
+        keep = min(batch_size, n - start)
+        batch["loss_mask"][keep:] = 0.0
+        tiled = {key: np.concatenate([v] * k) for key, v in batch.items()}
+        s, c, p = ev(trainables, params, states, tiled, ids)
+        sums, counts = sums + np.asarray(s, np.float64), counts + np.asarray(c, np.float64)
+        preds.append(np.asarray(p).reshape((k, batch_size, -1))[:, :keep])
+    preds = np.concatenate(preds, axis=1)
+    out = []
+    for i in range(k):
+        correct = D.exact_match(preds[i], arrays["targets"], arrays["loss_mask"])
+        out.append({"loss": float(sums[i] / max(counts[i], 1.0)),
+                    "accuracy": D.per_task_accuracy(correct, arrays["task_ids"], list(tasks))})
+    return out
+
+
 # ----------------------------------------------------------------------------- the job
 
 
@@ -167,9 +213,8 @@ class _Point:
     setup: trainer.Setup
     loader: D.ArrayLoader
     metrics: MetricsWriter
-    run_eval: Callable
-    base_eval: dict
     progress: Progress
+    base_eval: dict | None = None
     loss: float | None = None
     stopped: str | None = None
 
@@ -188,7 +233,7 @@ def _check_group(cfgs: Sequence[Experiment]) -> None:
                              "split them with plan_groups")
 
 
-def _point(cfg, workdir, model, params, example, train_arrays, eval_arrays, tasks) -> _Point:
+def _point(cfg, workdir, model, params, example, train_arrays) -> _Point:
     workdir = Path(workdir)
     if any((workdir / "checkpoints").glob("[0-9]*")):
         raise ValueError(f"{workdir} holds a solo run's checkpoints; resume it solo "
@@ -200,17 +245,9 @@ def _point(cfg, workdir, model, params, example, train_arrays, eval_arrays, task
                                         allow_change=cfg.train.allow_data_change):
         trainer.log(line)
     setup = trainer.adapter_setup(cfg, model, params, example)
-    eval_step = make_eval_step(setup.forward)
-    run_eval = lambda t, f: evaluate(eval_step, t, f, eval_arrays, cfg.train.eval_batch_size,
-                                     tasks)
-    metrics = MetricsWriter(workdir)
-    base_eval = run_eval(setup.trainable, setup.frozen)
-    metrics.write_config(to_dict(cfg))
-    metrics.write(0, "eval", **base_eval)
-    wd.write_json(workdir / "base_eval.json", base_eval)
     loader = D.ArrayLoader(train_arrays, cfg.train.batch_size, seed=cfg.seed)
     progress = Progress(cfg.train.steps, cfg.train.batch_size * cfg.data.seq_len, 0)
-    return _Point(cfg, workdir, setup, loader, metrics, run_eval, base_eval, progress)
+    return _Point(cfg, workdir, setup, loader, MetricsWriter(workdir), progress)
 
 
 def train_group(cfgs: Sequence[Experiment], workdirs: Sequence[str | Path],
@@ -243,10 +280,12 @@ def _run_group(cfgs, workdirs, log) -> list[dict]:
     example = jnp.zeros((1, cfg0.data.seq_len), jnp.int32)
     params = trainer.base_params(cfg0, model, hf_params, example)
     params = trainer.quantize_base(cfg0, model, params, example)
-    pts = [_point(cfgs[i], workdirs[i], model, params, example, train_arrays, eval_arrays, tasks)
-           for i in todo]
+    pts = [_point(cfgs[i], workdirs[i], model, params, example, train_arrays) for i in todo]
+    ev = make_group_eval(model, len(pts))
+    run_evals = lambda t, s: evaluate_group(ev, t, params, s, eval_arrays,
+                                            cfg0.train.eval_batch_size, tasks)
     try:
-        out = _loop(pts, model, params, log)
+        out = _loop(pts, params, make_group_step(model, [p.setup for p in pts]), run_evals, log)
     finally:
         for p in pts:
             p.metrics.close()
@@ -255,12 +294,17 @@ def _run_group(cfgs, workdirs, log) -> list[dict]:
     return summaries
 
 
-def _loop(pts: list[_Point], model, params, log) -> list[dict]:
+def _loop(pts: list[_Point], params, step_fn, run_evals, log) -> list[dict]:
+    """Base eval, the shared loop (one step for every point), each point's final eval/export."""
     k, steps, bs = len(pts), pts[0].cfg.train.steps, pts[0].cfg.train.batch_size
-    step_fn = make_group_step(model, [p.setup for p in pts])
     trainables = tuple(p.setup.trainable for p in pts)
     states = tuple(p.setup.frozen["state"] for p in pts)
     opt_states = tuple(p.setup.tx.init(t) for p, t in zip(pts, trainables))
+    for p, ev in zip(pts, run_evals(trainables, states)):
+        p.base_eval = ev
+        p.metrics.write_config(to_dict(p.cfg))
+        p.metrics.write(0, "eval", **ev)
+        wd.write_json(p.workdir / "base_eval.json", ev)
     ids = jnp.repeat(jnp.arange(k, dtype=jnp.int32), bs)
     train_time, t_cfg = 0.0, pts[0].cfg.train
     log(f"batched group of {k} points: ranks {[p.cfg.adapter.rank for p in pts]}, "
@@ -292,22 +336,23 @@ def _loop(pts: list[_Point], model, params, log) -> list[dict]:
                                 lr=float(p.setup.lr(step - 1)), skipped_steps=0, **rates)
             log(f"step {step}/{steps}  losses " + " ".join(f"{l:.4f}" for l in losses))
         if step % t_cfg.eval_every == 0 and step != steps:
-            for i, p in enumerate(pts):
+            for p, ev in zip(pts, run_evals(trainables, states)):
                 if p.stopped is None:
-                    p.metrics.write(step, "eval", **p.run_eval(trainables[i], _frozen(p, states[i])))
-    return [_finish(p, trainables[i], states[i], step, train_time) for i, p in enumerate(pts)]
+                    p.metrics.write(step, "eval", **ev)
+    finals = run_evals(trainables, states)
+    return [_finish(p, trainables[i], states[i], finals[i], step, train_time)
+            for i, p in enumerate(pts)]
 
 
 def _frozen(p: _Point, state) -> dict:
     return {"params": p.setup.frozen["params"], "state": state}
 
 
-def _finish(p: _Point, trainable, state, step: int, train_time: float) -> dict:
+def _finish(p: _Point, trainable, state, final: dict, step: int, train_time: float) -> dict:
     """The solo run's final eval, export and ``summary.json`` for one point."""
     if p.stopped is not None:
         return {"diverged": True, "reason": p.stopped}
     cfg, frozen = p.cfg, _frozen(p, state)
-    final = p.run_eval(trainable, frozen)
     p.metrics.write(step, "eval", **final)
     p.setup.export(trainable, frozen, p.workdir)
     n_train, n_base = lj.count_params(trainable), lj.count_params(frozen["params"])
