@@ -5,8 +5,8 @@ adapter rank, alpha, rsLoRA, seed, LoRA init ('default'/'gaussian'), LoRA+ ratio
 (learning rate, schedule, warm-up, weight decay, clipping) train together (``train_group``):
 
 - each point keeps its own ``ArrayLoader`` (its own seed), exactly as its solo run draws batches;
-  the K batches are concatenated (K·B rows) and row b is routed to its point's adapters by
-  ``lj.apply(..., adapter_ids=ids)`` over a bank (``lj.stack_adapters``, methods/bank.py);
+  the K batches are concatenated (K·B rows) and block i is routed to point i's adapters by
+  ``lj.apply(..., adapter_ids=Blocks(K))`` over a bank (``lj.stack_adapters``, methods/bank.py);
 - the bank is built INSIDE the loss from the points' own unpadded trainable trees, so a smaller
   rank is zero-padded on the fly: the padding is no parameter, gets no gradient and no optimizer
   state, and each point's tree, optimizer and state have exactly its solo run's structure;
@@ -42,6 +42,7 @@ from lora_jax.train import checkpoint, trainer
 from lora_jax.train import workdir as wd
 from lora_jax.train.config import Experiment, to_dict
 from lora_jax.train.metrics import MetricsWriter, Progress
+from lora_jax.methods.bank import Blocks
 from lora_jax.train.steps import token_loss
 
 # What may differ between the points of one group (the rest of the config must be equal).
@@ -122,18 +123,18 @@ def _bank(trainables, states):
 
 
 def make_group_step(model, setups: Sequence[trainer.Setup]) -> Callable:
-    """``step(trainables, opt_states, params, states, batch, ids) -> (trainables, opt_states,
-    out)`` for K points.
+    """``step(trainables, opt_states, params, states, batch) -> (trainables, opt_states, out)``
+    for K points.
 
     ``trainables``/``opt_states``/``states``: K-tuples of the points' own trees; ``batch``: the
-    points' batches concatenated, (K·B, seq); ``ids``: (K·B,) each row's point. ``out``:
+    points' batches concatenated, (K·B, seq), block i routed to point i (``Blocks(K)``). ``out``:
     ``{'loss', 'grad_norm', 'finite'}``, each (K,). A non-finite point keeps its state.
     """
     k = len(setups)
 
-    def losses_fn(trainables, params, states, batch, ids):
+    def losses_fn(trainables, params, states, batch):
         bank = _bank(trainables, states)
-        logits = lj.apply(model, params, bank, batch["inputs"], train=True, adapter_ids=ids,
+        logits = lj.apply(model, params, bank, batch["inputs"], train=True, adapter_ids=Blocks(k),
                           task_ids=batch["task_ids"], deterministic=False)
         rows = lambda x: x.reshape((k, -1) + x.shape[1:])
         logits, targets, mask = rows(logits), rows(batch["targets"]), rows(batch["loss_mask"])
@@ -141,9 +142,9 @@ def make_group_step(model, setups: Sequence[trainer.Setup]) -> Callable:
                                                    "loss_mask": mask[i]})[0] for i in range(k)])
         return jnp.sum(losses), losses
 
-    def step(trainables, opt_states, params, states, batch, ids):
+    def step(trainables, opt_states, params, states, batch):
         grad_fn = jax.value_and_grad(losses_fn, has_aux=True)
-        (_, losses), grads = grad_fn(trainables, params, states, batch, ids)
+        (_, losses), grads = grad_fn(trainables, params, states, batch)
         new_t, new_o, norms, finite = [], [], [], []
         for i, s in enumerate(setups):  # each point's own optimizer: schedule, clip, LoRA+
             updates, opt = s.tx.update(grads[i], opt_states[i], trainables[i])
@@ -162,12 +163,12 @@ def make_group_step(model, setups: Sequence[trainer.Setup]) -> Callable:
 
 
 def make_group_eval(model, k: int) -> Callable:
-    """``eval(trainables, params, states, batch, ids) -> (loss_sums (K,), counts (K,), argmax
-    (K·B, seq))`` over the points' eval batches concatenated."""
+    """``eval(trainables, params, states, batch) -> (loss_sums (K,), counts (K,), argmax
+    (K·B, seq))`` over the points' eval batches concatenated (block i: point i)."""
 
-    def ev(trainables, params, states, batch, ids):
+    def ev(trainables, params, states, batch):
         logits = lj.apply(model, params, _bank(trainables, states), batch["inputs"],
-                          adapter_ids=ids, task_ids=batch["task_ids"], deterministic=True)
+                          adapter_ids=Blocks(k), task_ids=batch["task_ids"], deterministic=True)
         rows = lambda x: x.reshape((k, -1) + x.shape[1:])
         lg, tg, mk = rows(logits), rows(batch["targets"]), rows(batch["loss_mask"])
         out = [token_loss(lg[i], {"targets": tg[i], "loss_mask": mk[i]}) for i in range(k)]
@@ -181,7 +182,6 @@ def evaluate_group(ev, trainables, params, states, arrays, batch_size: int, task
     """Each point's eval loss and accuracy on ``arrays``, as ``steps.evaluate`` gives its solo
     run (same batches, the last one padded by wrapping around and masked)."""
     k, n = len(trainables), len(arrays["inputs"])
-    ids = jnp.repeat(jnp.arange(k, dtype=jnp.int32), batch_size)
     sums, counts, preds = np.zeros(k), np.zeros(k), []
     for start in range(0, n, batch_size):
         idx = np.arange(start, start + batch_size) % n
@@ -189,7 +189,7 @@ def evaluate_group(ev, trainables, params, states, arrays, batch_size: int, task
         keep = min(batch_size, n - start)
         batch["loss_mask"][keep:] = 0.0
         tiled = {key: np.concatenate([v] * k) for key, v in batch.items()}
-        s, c, p = ev(trainables, params, states, tiled, ids)
+        s, c, p = ev(trainables, params, states, tiled)
         sums, counts = sums + np.asarray(s, np.float64), counts + np.asarray(c, np.float64)
         preds.append(np.asarray(p).reshape((k, batch_size, -1))[:, :keep])
     preds = np.concatenate(preds, axis=1)
@@ -305,7 +305,6 @@ def _loop(pts: list[_Point], params, step_fn, run_evals, log) -> list[dict]:
         p.metrics.write_config(to_dict(p.cfg))
         p.metrics.write(0, "eval", **ev)
         wd.write_json(p.workdir / "base_eval.json", ev)
-    ids = jnp.repeat(jnp.arange(k, dtype=jnp.int32), bs)
     train_time, t_cfg = 0.0, pts[0].cfg.train
     log(f"batched group of {k} points: ranks {[p.cfg.adapter.rank for p in pts]}, "
         f"{k * bs} rows per step")
@@ -313,7 +312,7 @@ def _loop(pts: list[_Point], params, step_fn, run_evals, log) -> list[dict]:
         t0 = time.perf_counter()
         parts = [p.loader.batch(step - 1) for p in pts]
         batch = {key: np.concatenate([b[key] for b in parts]) for key in parts[0]}
-        trainables, opt_states, out = step_fn(trainables, opt_states, params, states, batch, ids)
+        trainables, opt_states, out = step_fn(trainables, opt_states, params, states, batch)
         finite = np.asarray(out["finite"])
         train_time += time.perf_counter() - t0
         for i, p in enumerate(pts):
