@@ -335,7 +335,8 @@ def run_groups(config: str, plan: Sequence[Point], groups: Sequence[Sequence[int
 
     ``train_group(indices)`` trains those points together (``lora_jax.train.batched.train_group``
     on their configs and workdirs) and returns one summary per point (``{'diverged': True,
-    'reason': ...}`` for a point stopped alone, which is a failure here). Complete points are
+    'reason': ...}`` for a point stopped alone, which is a failure here; ``{'interrupted': True,
+    'step': N}`` after SIGTERM, resumable). Complete points are
     skipped, a point whose ``run.json`` records another config fails (``stale_fields``), and an
     exception fails the whole group with its message; the other groups still run.
     """
@@ -371,7 +372,11 @@ def run_groups(config: str, plan: Sequence[Point], groups: Sequence[Sequence[int
             continue
         for i, summary in zip(todo, summaries):
             name = plan[i].name
-            if summary.get("diverged"):
+            if summary.get("interrupted"):
+                result.interrupted.append(name)
+                log(f"[stopped] {name}: checkpointed at step {summary['step']}; rerun the sweep "
+                    "to resume it")
+            elif summary.get("diverged"):
                 result.failed[name] = summary["reason"]
                 log(f"[fail] {name}: {summary['reason']}")
             else:

@@ -17,18 +17,19 @@ def test_run_groups_outcomes(tmp_path):
         calls.append(list(idx))
         if 3 in idx:
             raise RuntimeError("boom")
-        return [{"diverged": True, "reason": "step 2: non-finite"} if i == 2 else {"steps": 1}
-                for i in idx]
+        return [{"diverged": True, "reason": "step 2: non-finite"} if i == 2 else
+                {"interrupted": True, "step": 3} if i == 4 else {"steps": 1} for i in idx]
 
     logs = []
-    result = sweep.run_groups("cfg.py", plan, [[0, 1, 2], [3, 4]], train_group, log=logs.append)
-    assert calls == [[1, 2], [3, 4]]  # the complete point 0 is not retrained
+    result = sweep.run_groups("cfg.py", plan, [[0, 1, 2], [3], [4]], train_group,
+                              log=logs.append)
+    assert calls == [[1, 2], [3], [4]]  # the complete point 0 is not retrained
     assert result.skipped == [plan[0].name] and result.done == [plan[1].name]
     assert result.failed[plan[2].name] == "step 2: non-finite"
-    assert "boom" in result.failed[plan[3].name] and "boom" in result.failed[plan[4].name]
+    assert "boom" in result.failed[plan[3].name] and result.interrupted == [plan[4].name]
     assert json.loads((plan[1].workdir / "overrides.json").read_text())["overrides"] == \
         {"adapter.rank": 4}
-    assert any(line.startswith("[group 1/2] 2 points") for line in logs)
+    assert any(line.startswith("[group 1/3] 2 points") for line in logs)
 
 
 def test_run_groups_refuses_a_point_of_another_config(tmp_path):

@@ -18,7 +18,9 @@ adapter rank, alpha, rsLoRA, seed, LoRA init ('default'/'gaussian'), LoRA+ ratio
 
 Each point's workdir gets what its solo run writes (``run.json``, ``base_eval.json``,
 ``metrics.jsonl``, ``tb/``, ``adapter/``, ``summary.json``), evaluated with the solo eval step.
-Not here: checkpoints (an interrupted group restarts its unfinished points from step 0), meshes
+Checkpoints are each point's own, in its solo run's format: a group interrupted by SIGTERM
+resumes exactly (all points from the same step), and a point's checkpoint also resumes solo.
+Not here: meshes
 (the group runs on one device), adapter or model dropout, PiSSA, other methods (``group_key``
 says why such a point runs solo).
 """
@@ -213,10 +215,12 @@ class _Point:
     setup: trainer.Setup
     loader: D.ArrayLoader
     metrics: MetricsWriter
-    progress: Progress
+    ckpts: checkpoint.Checkpoints
+    progress: Progress | None = None
     base_eval: dict | None = None
     loss: float | None = None
     stopped: str | None = None
+    saved: int = 0
 
 
 def _check_group(cfgs: Sequence[Experiment]) -> None:
@@ -235,19 +239,16 @@ def _check_group(cfgs: Sequence[Experiment]) -> None:
 
 def _point(cfg, workdir, model, params, example, train_arrays) -> _Point:
     workdir = Path(workdir)
-    if any((workdir / "checkpoints").glob("[0-9]*")):
-        raise ValueError(f"{workdir} holds a solo run's checkpoints; resume it solo "
-                         "(python -m experiments.train) or use a new workdir")
-    for name in ("metrics.jsonl", "base_eval.json"):  # an interrupted group restarts at step 0
-        (workdir / name).unlink(missing_ok=True)
     first = checkpoint.check_identity(workdir, trainer._identity(cfg), recorded=trainer._record(cfg))
     for line in wd.check_data_unchanged(first.get("data", {}),
                                         allow_change=cfg.train.allow_data_change):
         trainer.log(line)
     setup = trainer.adapter_setup(cfg, model, params, example)
     loader = D.ArrayLoader(train_arrays, cfg.train.batch_size, seed=cfg.seed)
-    progress = Progress(cfg.train.steps, cfg.train.batch_size * cfg.data.seq_len, 0)
-    return _Point(cfg, workdir, setup, loader, MetricsWriter(workdir), progress)
+    ckpts = checkpoint.Checkpoints(workdir / "checkpoints", cfg.train.keep_checkpoints,
+                                   info={"method": cfg.method, "ranks": cfg.adapter.rank},
+                                   log=trainer.log)  # the solo run's format: either resumes it
+    return _Point(cfg, workdir, setup, loader, MetricsWriter(workdir), ckpts)
 
 
 def train_group(cfgs: Sequence[Experiment], workdirs: Sequence[str | Path],
@@ -255,9 +256,11 @@ def train_group(cfgs: Sequence[Experiment], workdirs: Sequence[str | Path],
     """Trains ``cfgs`` (one group: see ``plan_groups``) together; returns each point's summary
     (``{'diverged': True, ...}`` for a point stopped alone). Complete workdirs are not retrained.
 
-    Every point's workdir is written as its solo ``train_and_evaluate`` would write it (no
-    checkpoints: an interrupted group restarts its unfinished points from step 0).
+    Every point's workdir is written as its solo ``train_and_evaluate`` would write it, checkpoints
+    included; after SIGTERM each point's entry is ``{'interrupted': True, 'step': N}`` and a rerun
+    resumes the group.
     """
+    trainer.PREEMPTION.install()
     _check_group(cfgs)
     for cfg in cfgs:
         trainer.validate(cfg)
@@ -289,6 +292,7 @@ def _run_group(cfgs, workdirs, log) -> list[dict]:
     finally:
         for p in pts:
             p.metrics.close()
+            p.ckpts.close()
     for i, s in zip(todo, out):
         summaries[i] = s
     return summaries
@@ -300,15 +304,41 @@ def _loop(pts: list[_Point], params, step_fn, run_evals, log) -> list[dict]:
     trainables = tuple(p.setup.trainable for p in pts)
     states = tuple(p.setup.frozen["state"] for p in pts)
     opt_states = tuple(p.setup.tx.init(t) for p, t in zip(pts, trainables))
-    for p, ev in zip(pts, run_evals(trainables, states)):
-        p.base_eval = ev
-        p.metrics.write_config(to_dict(p.cfg))
-        p.metrics.write(0, "eval", **ev)
-        wd.write_json(p.workdir / "base_eval.json", ev)
-    train_time, t_cfg = 0.0, pts[0].cfg.train
+    start, trainables, opt_states = _restore(pts, trainables, opt_states)
+    if start == 0:
+        for p, ev in zip(pts, run_evals(trainables, states)):
+            p.base_eval = ev
+            (p.workdir / "metrics.jsonl").unlink(missing_ok=True)  # a start before any checkpoint
+            p.metrics.write_config(to_dict(p.cfg))
+            p.metrics.write(0, "eval", **ev)
+            wd.write_json(p.workdir / "base_eval.json", ev)
+    else:
+        log(f"batched group: resuming from step {start}")
+    done = [trainer._read_progress(p.workdir, start) if start else {} for p in pts]
+    for p, d in zip(pts, done):
+        p.base_eval = p.base_eval or wd.read_json(p.workdir / "base_eval.json", "delete it")
+        p.loss, p.saved = d.get("train_loss"), start
+        p.progress = Progress(steps, p.cfg.train.batch_size * p.cfg.data.seq_len, start)
+    train_time, t_cfg = (done[0].get("train_seconds", 0.0) if start else 0.0), pts[0].cfg.train
+
+    def save(step):
+        for i, p in enumerate(pts):
+            if step > p.saved and p.stopped is None:
+                p.ckpts.save(step, (trainables[i], opt_states[i]))
+                trainer._write_progress(p.workdir, step, p.cfg.train.keep_checkpoints,
+                                        train_seconds=train_time, train_loss=p.loss,
+                                        skipped_steps=0)
+                p.saved = step
+
     log(f"batched group of {k} points: ranks {[p.cfg.adapter.rank for p in pts]}, "
         f"{k * bs} rows per step")
-    for step in range(1, steps + 1):
+    step = start
+    for step in range(start + 1, steps + 1):
+        if trainer.PREEMPTION.should_stop(step):
+            save(step - 1)
+            trainer.PREEMPTION.requested = False
+            log(f"SIGTERM: checkpointed step {step - 1} of every point; rerun to resume")
+            return [{"interrupted": True, "step": step - 1} for _ in pts]
         t0 = time.perf_counter()
         parts = [p.loader.batch(step - 1) for p in pts]
         batch = {key: np.concatenate([b[key] for b in parts]) for key in parts[0]}
@@ -322,7 +352,7 @@ def _loop(pts: list[_Point], params, step_fn, run_evals, log) -> list[dict]:
                              "group continued; lower optim.lr and rerun it")
                 log(f"{p.workdir.name}: {p.stopped}")
                 wd.write_json(p.workdir / "diverged.json", {"step": step, "reason": p.stopped})
-            if step == 1:
+            if step == start + 1:
                 p.progress.mark(step)
         if step % t_cfg.log_every == 0 or step == steps:
             losses, norms = np.asarray(out["loss"]), np.asarray(out["grad_norm"])
@@ -338,9 +368,24 @@ def _loop(pts: list[_Point], params, step_fn, run_evals, log) -> list[dict]:
             for p, ev in zip(pts, run_evals(trainables, states)):
                 if p.stopped is None:
                     p.metrics.write(step, "eval", **ev)
+        if step % t_cfg.checkpoint_every == 0:
+            save(step)
+    save(step)
     finals = run_evals(trainables, states)
     return [_finish(p, trainables[i], states[i], finals[i], step, train_time)
             for i, p in enumerate(pts)]
+
+
+def _restore(pts, trainables, opt_states):
+    """``(start, trainables, opt_states)`` from the points' newest checkpoints (all at one step)."""
+    got = [p.ckpts.restore_latest((t, o)) for p, t, o in zip(pts, trainables, opt_states)]
+    starts = sorted({s for s, _ in got})
+    if len(starts) > 1:
+        at = {p.workdir.name: s for p, (s, _) in zip(pts, got)}
+        raise ValueError(f"a batched group resumes together, but its points' newest checkpoints "
+                         f"are at different steps {at}; resume them solo (python -m "
+                         "experiments.train) or delete their checkpoints/")
+    return starts[0], tuple(t for _, (t, _) in got), tuple(o for _, (_, o) in got)
 
 
 def _frozen(p: _Point, state) -> dict:

@@ -1,6 +1,6 @@
 """Batched sweeps (lora_jax/train/batched.py): a group's per-point losses equal the solo runs', the
 workdirs hold what solo runs write, grouping says why a point trains solo, a diverged point stops
-alone."""
+alone, an interrupted group resumes exactly."""
 
 import dataclasses
 import json
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lora_jax.train import Experiment, train_and_evaluate
-from lora_jax.train import batched
+from lora_jax.train import batched, trainer
 from lora_jax.train.config import AdapterConfig, OptimConfig
 from tests.train.test_trainer import tiny
 
@@ -34,11 +34,19 @@ def records(workdir, split):
 
 
 @pytest.mark.slow  # 4 solo runs + the group: ~40 s on 2 loaded cores (compilation)
-def test_group_losses_equal_solo_runs(tmp_path):
+def test_group_losses_equal_solo_runs_and_resume_exactly(tmp_path, monkeypatch):
+    """The group is interrupted (SIGTERM's flag) before step 3 and resumed from its checkpoint."""
     cfgs = [point(**p) for p in POINTS]
     groups, solo = batched.plan_groups(cfgs)
     assert groups == [[0, 1, 2, 3]] and solo == {}
-    out = batched.train_group(cfgs, [tmp_path / f"b{i}" for i in range(4)])
+    dirs = [tmp_path / f"b{i}" for i in range(4)]
+    with monkeypatch.context() as m:
+        m.setattr(trainer.PREEMPTION, "should_stop", lambda step: step == 3)
+        assert batched.train_group(cfgs, dirs) == [{"interrupted": True, "step": 2}] * 4
+    assert all((d / "checkpoints").is_dir() and not (d / "summary.json").exists() for d in dirs)
+    logs = []
+    out = batched.train_group(cfgs, dirs, log=logs.append)
+    assert "batched group: resuming from step 2" in logs
     for i, cfg in enumerate(cfgs):
         ref = train_and_evaluate(cfg, tmp_path / f"s{i}")
         b, s = tmp_path / f"b{i}", tmp_path / f"s{i}"
