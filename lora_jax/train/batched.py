@@ -51,6 +51,7 @@ from lora_jax.train.steps import token_loss
 PER_POINT = ("seed", "adapter.rank", "adapter.alpha", "adapter.rslora", "optim.*",
              "method_args.init_weights", "method_args.lora_plus_ratio")
 BATCHABLE_INITS = ("default", "gaussian")
+LM_KINDS = ("tasks", "jsonl", "text")  # data kinds whose objective is the token loss
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -68,6 +69,9 @@ def solo_reason(cfg: Experiment) -> str | None:
     if cfg.method != "lora":
         return (f"method {cfg.method!r}: a bank routes plain LoRA only (full fine-tuning and other "
                 "methods train solo)")
+    if cfg.data.kind not in LM_KINDS:
+        return (f"data.kind={cfg.data.kind!r}: a batched group trains the token loss of "
+                f"{LM_KINDS} only")
     init = cfg.method_args.get("init_weights", "default")
     if init not in BATCHABLE_INITS:
         return f"init_weights={init!r} changes the base per point (PiSSA's residual)"

@@ -75,11 +75,12 @@ def test_plan_groups_says_why_points_train_solo():
             dataclasses.replace(base, method="dora"),
             dataclasses.replace(base, adapter=dataclasses.replace(base.adapter, targets="all-linear")),
             dataclasses.replace(base, method_args={"init_weights": "pissa"}),
-            dataclasses.replace(base, adapter=dataclasses.replace(base.adapter, dropout=0.1))]
+            dataclasses.replace(base, adapter=dataclasses.replace(base.adapter, dropout=0.1)),
+            dataclasses.replace(base, data=dataclasses.replace(base.data, kind="images"))]
     groups, solo = batched.plan_groups(cfgs)
     assert groups == [[0, 1]]
     assert "method 'dora'" in solo[2] and "no other point shares" in solo[3]
-    assert "PiSSA" in solo[4] and "dropout" in solo[5]
+    assert "PiSSA" in solo[4] and "dropout" in solo[5] and "token loss" in solo[6]
     with pytest.raises(ValueError, match="adapter.targets"):
         batched.train_group([cfgs[0], cfgs[3]], ["a", "b"])
 
