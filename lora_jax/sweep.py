@@ -16,7 +16,9 @@ the running points, which checkpoint and stop; a point that the forwarded SIGTER
 e.g. during its start-up) counts as interrupted too, not failed. Each point's workdir gets
 ``overrides.json`` (what the report reads its axes from) and ``train.log`` (the process output).
 Flags live in ``experiments/sweep.py``; tables and plots over the finished runs in
-``lora_jax/report.py``.
+``lora_jax/report.py``. With ``--batched``, points that can share one job (``lora_jax.train.batched.
+plan_groups``) train in-process as groups (``run_groups``), each point still in its own workdir;
+the rest run as above, and the sweep logs why each of them trains solo.
 """
 
 from __future__ import annotations
@@ -323,3 +325,72 @@ def run_sweep(config: str, plan: Sequence[Point], *, extra_flags: Sequence[str] 
             if queue:
                 log(f"stopped before starting {len(queue)} point(s); rerun the sweep to run them")
     return result
+
+
+def run_groups(config: str, plan: Sequence[Point], groups: Sequence[Sequence[int]],
+               train_group: Callable[[list[int]], list[dict]], *,
+               identity: Callable[[dict], dict] | None = None,
+               log: Callable[[str], None] = print) -> SweepResult:
+    """Runs each group of point indices as one batched job, in this process.
+
+    ``train_group(indices)`` trains those points together (``lora_jax.train.batched.train_group``
+    on their configs and workdirs) and returns one summary per point (``{'diverged': True,
+    'reason': ...}`` for a point stopped alone, which is a failure here; ``{'interrupted': True,
+    'step': N}`` after SIGTERM, resumable). Complete points are
+    skipped, a point whose ``run.json`` records another config fails (``stale_fields``), and an
+    exception fails the whole group with its message; the other groups still run.
+    """
+    result = SweepResult()
+    for n, members in enumerate(groups, 1):
+        todo = []
+        for i in members:
+            point = plan[i]
+            stale = stale_fields(point.workdir, identity(point.overrides)) if identity else []
+            if stale:
+                result.failed[point.name] = (f"{point.workdir / 'run.json'} records another "
+                                             f"config ({'; '.join(stale[:4])}); use a new "
+                                             "--workdir")
+                log(f"[fail] {point.name}: {result.failed[point.name]}")
+            elif (point.workdir / "summary.json").exists():
+                log(f"[skip] {point.name}: complete ({point.workdir / 'summary.json'})")
+                result.skipped.append(point.name)
+            else:
+                _write_overrides(point, config)
+                todo.append(i)
+        if not todo:
+            continue
+        names = [plan[i].name for i in todo]
+        log(f"[group {n}/{len(groups)}] {len(todo)} points in one job: {', '.join(names)}")
+        began = time.time()
+        try:
+            summaries = train_group(todo)
+        except Exception as e:  # noqa: BLE001 -- a failed group fails its points, not the sweep
+            reason = f"batched group failed: {type(e).__name__}: {e}".replace("\n", " ")
+            for name in names:
+                result.failed[name] = reason
+            log(f"[fail] group {n}: {reason}")
+            continue
+        for i, summary in zip(todo, summaries):
+            name = plan[i].name
+            if summary.get("interrupted"):
+                result.interrupted.append(name)
+                log(f"[stopped] {name}: checkpointed at step {summary['step']}; rerun the sweep "
+                    "to resume it")
+            elif summary.get("diverged"):
+                result.failed[name] = summary["reason"]
+                log(f"[fail] {name}: {summary['reason']}")
+            else:
+                result.done.append(name)
+        log(f"[done] group {n} ({len(todo)} points) in {time.time() - began:.0f} s")
+    return result
+
+
+def merge_results(*results: SweepResult) -> SweepResult:
+    """One ``SweepResult`` holding every outcome of ``results``."""
+    out = SweepResult()
+    for r in results:
+        out.done += r.done
+        out.skipped += r.skipped
+        out.interrupted += r.interrupted
+        out.failed.update(r.failed)
+    return out

@@ -16,6 +16,11 @@ LoRA's FLOPs whatever the mix of adapters: no Python loop over adapters and no N
 padding of the rank is exact. Dense (Dense, DenseGeneral, Einsum) and embedding layouts are
 supported; conv kernels are not (use one adapter at a time there). A bank has no merge of its own:
 ``lj.merge(params, bank, task=i)`` merges slot i (``merge_task``).
+
+``adapter_ids=Blocks(n)`` says the batch is n equal contiguous blocks, block i on slot i (a batched
+sweep's concatenated batches, lora_jax/train/batched.py): the same sum, computed as one batched
+einsum over the n blocks (``jax.vmap`` of the layout's own einsums) with no per-example gather of
+the factors, so its gradient has no scatter-add either.
 """
 
 from __future__ import annotations
@@ -49,6 +54,32 @@ def per_example(spec: str) -> str:
     return f"{x},{x[0]}{k}->{y}"
 
 
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+    """``adapter_ids`` for a batch of ``n`` equal contiguous blocks: rows [i·B/n, (i+1)·B/n) use
+    slot i (every row adapted). Equal to ``ids = jnp.repeat(jnp.arange(n), B // n)``."""
+
+    n: int
+
+
+def _blocked_delta(x, adapter: Adapter, n: int):
+    """``x_b A_i B_i`` for block i of x's batch axis, vmapped over the blocks (no gather)."""
+    a, b, layout = adapter.params["a"], adapter.params["b"], adapter.layout
+    if a.shape[0] != n or x.shape[0] % n:
+        raise ValueError(f"adapter_ids=Blocks({n}) needs a bank of {n} slots (got {a.shape[0]}) "
+                         f"and a batch divisible by {n} (got {x.shape[0]})")
+    if layout.kind not in ("dense", "embed"):
+        raise ValueError(f"a bank supports dense and embedding layers, not {layout.kind!r} "
+                         "kernels; apply conv adapters one at a time")
+
+    def one(xi, ai, bi):
+        h = ai[xi] if layout.kind == "embed" else jnp.einsum(layout.xa, xi, ai.astype(xi.dtype))
+        return jnp.einsum(layout.hb, h, bi.astype(h.dtype))
+
+    y = jax.vmap(one)(x.reshape((n, -1) + x.shape[1:]), a, b)
+    return y.reshape((x.shape[0],) + y.shape[2:])
+
+
 def _check_ids(ids, batch: int, n_slots: int):
     if ids is None:
         raise ValueError("a bank of adapters needs adapter_ids: lj.apply(..., adapter_ids=ids) "
@@ -68,7 +99,9 @@ def _check_ids(ids, batch: int, n_slots: int):
 
 def delta(x, adapter: Adapter, ids):
     """``x_b A_{ids_b} B_{ids_b}`` for one layer (stacked axes already sliced off), zero where
-    ``ids_b == -1``; x has the batch axis first."""
+    ``ids_b == -1``; x has the batch axis first. ``ids`` may be ``Blocks(n)``."""
+    if isinstance(ids, Blocks):
+        return _blocked_delta(x, adapter, ids.n)
     a, b, layout = adapter.params["a"], adapter.params["b"], adapter.layout
     n_slots = a.shape[0]
     _check_ids(ids, x.shape[0], n_slots)

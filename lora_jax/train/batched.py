@@ -1,0 +1,426 @@
+"""Batched sweeps: several LoRA experiments on one frozen base, trained as one jitted step.
+
+Points that share the base, the model, the data and the loop (``group_key``) and differ only in
+adapter rank, alpha, rsLoRA, seed, LoRA init ('default'/'gaussian'), LoRA+ ratio and the optimizer
+(learning rate, schedule, warm-up, weight decay, clipping) train together (``train_group``):
+
+- each point keeps its own ``ArrayLoader`` (its own seed), exactly as its solo run draws batches;
+  the K batches are concatenated (K·B rows) and block i is routed to point i's adapters by
+  ``lj.apply(..., adapter_ids=Blocks(K))`` over a bank (``lj.stack_adapters``, methods/bank.py);
+- the bank is built INSIDE the loss from the points' own unpadded trainable trees, so a smaller
+  rank is zero-padded on the fly: the padding is no parameter, gets no gradient and no optimizer
+  state, and each point's tree, optimizer and state have exactly its solo run's structure;
+- the loss is the sum of the points' own mean token losses, so each point's gradient is its solo
+  gradient; each point's own optimizer (``trainer.adapter_setup``'s: clipping, schedule, LoRA+)
+  updates its own tree inside the same jitted step (K small elementwise updates, one program);
+- a point whose step is non-finite keeps its last state, is stopped alone (no summary; its
+  ``diverged.json`` says why) and the others continue.
+
+Each point's workdir gets what its solo run writes (``run.json``, ``base_eval.json``,
+``metrics.jsonl``, ``tb/``, ``adapter/``, ``summary.json``), evaluated with the solo eval step.
+Checkpoints are each point's own, in its solo run's format: a group interrupted by SIGTERM
+resumes exactly (all points from the same step), and a point's checkpoint also resumes solo.
+Not here: meshes
+(the group runs on one device), adapter or model dropout, PiSSA, other methods (``group_key``
+says why such a point runs solo).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import lora_jax as lj
+from lora_jax import data as D
+from lora_jax.train import checkpoint, trainer
+from lora_jax.train import workdir as wd
+from lora_jax.train.config import Experiment, to_dict
+from lora_jax.train.metrics import MetricsWriter, Progress
+from lora_jax.methods.bank import Blocks
+from lora_jax.train.steps import token_loss
+
+# What may differ between the points of one group (the rest of the config must be equal).
+PER_POINT = ("seed", "adapter.rank", "adapter.alpha", "adapter.rslora", "optim.*",
+             "method_args.init_weights", "method_args.lora_plus_ratio")
+BATCHABLE_INITS = ("default", "gaussian")
+LM_KINDS = ("tasks", "jsonl", "text")  # data kinds whose objective is the token loss
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def solo_reason(cfg: Experiment) -> str | None:
+    """Why ``cfg`` cannot train in a batched group (None: it can)."""
+    if cfg.method != "lora":
+        return (f"method {cfg.method!r}: a bank routes plain LoRA only (full fine-tuning and other "
+                "methods train solo)")
+    if cfg.data.kind not in LM_KINDS:
+        return (f"data.kind={cfg.data.kind!r}: a batched group trains the token loss of "
+                f"{LM_KINDS} only")
+    init = cfg.method_args.get("init_weights", "default")
+    if init not in BATCHABLE_INITS:
+        return f"init_weights={init!r} changes the base per point (PiSSA's residual)"
+    extra = sorted(set(cfg.method_args) - {"init_weights", "lora_plus_ratio"})
+    if extra:
+        return f"method_args {extra} are not batched"
+    if cfg.adapter.dropout:
+        return f"adapter.dropout={cfg.adapter.dropout}: per-point adapter dropout is not batched"
+    if "dropout" in cfg.model.overrides:
+        return "model dropout: each point's dropout stream cannot be reproduced in a shared batch"
+    if cfg.adapter.modules_to_save:
+        return "modules_to_save changes the base per point"
+    if cfg.train.skip_nonfinite:
+        return "train.skip_nonfinite: a batched group stops a diverged point instead"
+    return None
+
+
+def group_key(cfg: Experiment) -> str:
+    """What must be equal for points to share a group: the config without the ``PER_POINT``
+    fields (base, model, data, targets, quantisation, method, loop lengths, mesh)."""
+    flat = _flat(to_dict(cfg))
+    keep = {k: v for k, v in flat.items()
+            if not any(k == p or (p.endswith(".*") and k.startswith(p[:-1])) for p in PER_POINT)}
+    return repr(sorted(keep.items()))
+
+
+def plan_groups(cfgs: Sequence[Experiment]) -> tuple[list[list[int]], dict[int, str]]:
+    """``(groups, solo)``: lists of point indices that train together (2 or more each, in
+    order), and ``{index: why it trains solo}`` for the rest."""
+    solo, by_key = {}, {}
+    for i, cfg in enumerate(cfgs):
+        reason = solo_reason(cfg)
+        if reason:
+            solo[i] = reason
+        else:
+            by_key.setdefault(group_key(cfg), []).append(i)
+    groups = []
+    for members in by_key.values():
+        if len(members) > 1:
+            groups.append(members)
+        else:
+            solo[members[0]] = ("no other point shares its base, model, data, targets and loop "
+                                "(only rank, alpha, rsLoRA, seed, init, LoRA+ and optim may differ)")
+    return groups, dict(sorted(solo.items()))
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def _bank(trainables, states):
+    """The points' adapters as one bank (slot i = point i), padded to the largest rank inside the
+    traced function: the padding is no parameter and gets no gradient."""
+    return lj.stack_adapters({str(i): lj.join(t, s)
+                              for i, (t, s) in enumerate(zip(trainables, states))})
+
+
+def make_group_step(model, setups: Sequence[trainer.Setup]) -> Callable:
+    """``step(trainables, opt_states, params, states, batch) -> (trainables, opt_states, out)``
+    for K points.
+
+    ``trainables``/``opt_states``/``states``: K-tuples of the points' own trees; ``batch``: the
+    points' batches concatenated, (K·B, seq), block i routed to point i (``Blocks(K)``). ``out``:
+    ``{'loss', 'grad_norm', 'finite'}``, each (K,). A non-finite point keeps its state.
+    """
+    k = len(setups)
+
+    def losses_fn(trainables, params, states, batch):
+        bank = _bank(trainables, states)
+        logits = lj.apply(model, params, bank, batch["inputs"], train=True, adapter_ids=Blocks(k),
+                          task_ids=batch["task_ids"], deterministic=False)
+        rows = lambda x: x.reshape((k, -1) + x.shape[1:])
+        logits, targets, mask = rows(logits), rows(batch["targets"]), rows(batch["loss_mask"])
+        losses = jnp.stack([token_loss(logits[i], {"targets": targets[i],
+                                                   "loss_mask": mask[i]})[0] for i in range(k)])
+        return jnp.sum(losses), losses
+
+    def step(trainables, opt_states, params, states, batch):
+        grad_fn = jax.value_and_grad(losses_fn, has_aux=True)
+        (_, losses), grads = grad_fn(trainables, params, states, batch)
+        new_t, new_o, norms, finite = [], [], [], []
+        for i, s in enumerate(setups):  # each point's own optimizer: schedule, clip, LoRA+
+            updates, opt = s.tx.update(grads[i], opt_states[i], trainables[i])
+            norm = optax.global_norm(grads[i])
+            ok = (jnp.isfinite(losses[i]) & jnp.isfinite(norm)
+                  & jnp.isfinite(optax.global_norm(updates)))
+            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+            new_t.append(keep(optax.apply_updates(trainables[i], updates), trainables[i]))
+            new_o.append(keep(opt, opt_states[i]))
+            norms.append(norm)
+            finite.append(ok)
+        out = {"loss": losses, "grad_norm": jnp.stack(norms), "finite": jnp.stack(finite)}
+        return tuple(new_t), tuple(new_o), out
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def make_group_eval(model, k: int) -> Callable:
+    """``eval(trainables, params, states, batch) -> (loss_sums (K,), counts (K,), argmax
+    (K·B, seq))`` over the points' eval batches concatenated (block i: point i)."""
+
+    def ev(trainables, params, states, batch):
+        logits = lj.apply(model, params, _bank(trainables, states), batch["inputs"],
+                          adapter_ids=Blocks(k), task_ids=batch["task_ids"], deterministic=True)
+        rows = lambda x: x.reshape((k, -1) + x.shape[1:])
+        lg, tg, mk = rows(logits), rows(batch["targets"]), rows(batch["loss_mask"])
+        out = [token_loss(lg[i], {"targets": tg[i], "loss_mask": mk[i]}) for i in range(k)]
+        return (jnp.stack([l * n for l, n in out]), jnp.stack([n for _, n in out]),
+                jnp.argmax(logits, -1))
+
+    return jax.jit(ev)
+
+
+def evaluate_group(ev, trainables, params, states, arrays, batch_size: int, tasks) -> list[dict]:
+    """Each point's eval loss and accuracy on ``arrays``, as ``steps.evaluate`` gives its solo
+    run (same batches, the last one padded by wrapping around and masked)."""
+    k, n = len(trainables), len(arrays["inputs"])
+    sums, counts, preds = np.zeros(k), np.zeros(k), []
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, start + batch_size) % n
+        batch = {key: v[idx] for key, v in arrays.items()}
+        keep = min(batch_size, n - start)
+        batch["loss_mask"][keep:] = 0.0
+        tiled = {key: np.concatenate([v] * k) for key, v in batch.items()}
+        s, c, p = ev(trainables, params, states, tiled)
+        sums, counts = sums + np.asarray(s, np.float64), counts + np.asarray(c, np.float64)
+        preds.append(np.asarray(p).reshape((k, batch_size, -1))[:, :keep])
+    preds = np.concatenate(preds, axis=1)
+    out = []
+    for i in range(k):
+        correct = D.exact_match(preds[i], arrays["targets"], arrays["loss_mask"])
+        out.append({"loss": float(sums[i] / max(counts[i], 1.0)),
+                    "accuracy": D.per_task_accuracy(correct, arrays["task_ids"], list(tasks))})
+    return out
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+@dataclasses.dataclass
+class _Point:
+    """One point's own things: config, workdir, setup, loader, writer, eval and progress."""
+
+    cfg: Experiment
+    workdir: Path
+    setup: trainer.Setup
+    loader: D.ArrayLoader
+    metrics: MetricsWriter
+    ckpts: checkpoint.Checkpoints
+    progress: Progress | None = None
+    base_eval: dict | None = None
+    loss: float | None = None
+    stopped: str | None = None
+    saved: int = 0
+
+
+def _check_group(cfgs: Sequence[Experiment]) -> None:
+    for i, cfg in enumerate(cfgs):
+        reason = solo_reason(cfg)
+        if reason:
+            raise ValueError(f"point {i} cannot be batched: {reason}; train it solo")
+    keys = [group_key(c) for c in cfgs]
+    for i, key in enumerate(keys[1:], 1):
+        if key != keys[0]:
+            a, b = dict(eval(keys[0])), dict(eval(key))  # noqa: S307 -- our own repr
+            diff = sorted(f for f in set(a) | set(b) if a.get(f) != b.get(f))
+            raise ValueError(f"points 0 and {i} differ in {diff}, which a group must share; "
+                             "split them with plan_groups")
+
+
+def _point(cfg, workdir, model, params, example, train_arrays) -> _Point:
+    workdir = Path(workdir)
+    first = checkpoint.check_identity(workdir, trainer._identity(cfg), recorded=trainer._record(cfg))
+    for line in wd.check_data_unchanged(first.get("data", {}),
+                                        allow_change=cfg.train.allow_data_change):
+        trainer.log(line)
+    setup = trainer.adapter_setup(cfg, model, params, example)
+    loader = D.ArrayLoader(train_arrays, cfg.train.batch_size, seed=cfg.seed)
+    ckpts = checkpoint.Checkpoints(workdir / "checkpoints", cfg.train.keep_checkpoints,
+                                   info={"method": cfg.method, "ranks": cfg.adapter.rank},
+                                   log=trainer.log)  # the solo run's format: either resumes it
+    return _Point(cfg, workdir, setup, loader, MetricsWriter(workdir), ckpts)
+
+
+def train_group(cfgs: Sequence[Experiment], workdirs: Sequence[str | Path],
+                log: Callable[[str], None] = trainer.log) -> list[dict]:
+    """Trains ``cfgs`` (one group: see ``plan_groups``) together; returns each point's summary
+    (``{'diverged': True, ...}`` for a point stopped alone). Complete workdirs are not retrained.
+
+    Every point's workdir is written as its solo ``train_and_evaluate`` would write it, checkpoints
+    included; after SIGTERM each point's entry is ``{'interrupted': True, 'step': N}`` and a rerun
+    resumes the group.
+    """
+    trainer.PREEMPTION.install()
+    _check_group(cfgs)
+    for cfg in cfgs:
+        trainer.validate(cfg)
+    with contextlib.ExitStack() as locks:
+        for w in workdirs:  # the solo run's lock: a second job on a point fails (WorkdirBusy)
+            locks.enter_context(wd.WorkdirLock(Path(w)))
+        return _run_group(cfgs, workdirs, log)
+
+
+def _run_group(cfgs, workdirs, log) -> list[dict]:
+    todo = [i for i, w in enumerate(workdirs) if not (Path(w) / "summary.json").exists()]
+    summaries = [wd.read_json(Path(w) / "summary.json", "delete it") if i not in todo else None
+                 for i, w in enumerate(workdirs)]
+    if not todo:
+        return summaries
+    cfg0 = cfgs[todo[0]]
+    tokenizer = D.get_tokenizer(cfg0.data.tokenizer)
+    model, _, hf_params = trainer.build_model(cfg0.model, tokenizer.vocab_size)
+    train_arrays, eval_arrays, tasks = trainer.load_data(cfg0.data, tokenizer)
+    example = jnp.zeros((1, cfg0.data.seq_len), jnp.int32)
+    params = trainer.base_params(cfg0, model, hf_params, example)
+    params = trainer.quantize_base(cfg0, model, params, example)
+    pts = [_point(cfgs[i], workdirs[i], model, params, example, train_arrays) for i in todo]
+    ev = make_group_eval(model, len(pts))
+    run_evals = lambda t, s: evaluate_group(ev, t, params, s, eval_arrays,
+                                            cfg0.train.eval_batch_size, tasks)
+    try:
+        out = _loop(pts, params, make_group_step(model, [p.setup for p in pts]), run_evals, log)
+    finally:
+        for p in pts:
+            p.metrics.close()
+            p.ckpts.close()
+    for i, s in zip(todo, out):
+        summaries[i] = s
+    return summaries
+
+
+def _loop(pts: list[_Point], params, step_fn, run_evals, log) -> list[dict]:
+    """Base eval, the shared loop (one step for every point), each point's final eval/export."""
+    k, steps, bs = len(pts), pts[0].cfg.train.steps, pts[0].cfg.train.batch_size
+    trainables = tuple(p.setup.trainable for p in pts)
+    states = tuple(p.setup.frozen["state"] for p in pts)
+    opt_states = tuple(p.setup.tx.init(t) for p, t in zip(pts, trainables))
+    start, trainables, opt_states = _restore(pts, trainables, opt_states)
+    if start == 0:
+        for p, ev in zip(pts, run_evals(trainables, states)):
+            p.base_eval = ev
+            (p.workdir / "metrics.jsonl").unlink(missing_ok=True)  # a start before any checkpoint
+            p.metrics.write_config(to_dict(p.cfg))
+            p.metrics.write(0, "eval", **ev)
+            wd.write_json(p.workdir / "base_eval.json", ev)
+    else:
+        log(f"batched group: resuming from step {start}")
+    done = [trainer._read_progress(p.workdir, start) if start else {} for p in pts]
+    for p, d in zip(pts, done):
+        p.base_eval = p.base_eval or wd.read_json(p.workdir / "base_eval.json", "delete it")
+        p.loss, p.saved = d.get("train_loss"), start
+        p.progress = Progress(steps, p.cfg.train.batch_size * p.cfg.data.seq_len, start)
+    train_time, t_cfg = (done[0].get("train_seconds", 0.0) if start else 0.0), pts[0].cfg.train
+
+    def save(step):
+        for i, p in enumerate(pts):
+            if step > p.saved and p.stopped is None:
+                p.ckpts.save(step, (trainables[i], opt_states[i]))
+                trainer._write_progress(p.workdir, step, p.cfg.train.keep_checkpoints,
+                                        train_seconds=train_time, train_loss=p.loss,
+                                        skipped_steps=0)
+                p.saved = step
+
+    log(f"batched group of {k} points: ranks {[p.cfg.adapter.rank for p in pts]}, "
+        f"{k * bs} rows per step")
+    step = start
+    for step in range(start + 1, steps + 1):
+        if trainer.PREEMPTION.should_stop(step):
+            save(step - 1)
+            trainer.PREEMPTION.requested = False
+            log(f"SIGTERM: checkpointed step {step - 1} of every point; rerun to resume")
+            return [{"interrupted": True, "step": step - 1} for _ in pts]
+        t0 = time.perf_counter()
+        parts = [p.loader.batch(step - 1) for p in pts]
+        batch = {key: np.concatenate([b[key] for b in parts]) for key in parts[0]}
+        trainables, opt_states, out = step_fn(trainables, opt_states, params, states, batch)
+        finite = np.asarray(out["finite"])
+        train_time += time.perf_counter() - t0
+        for i, p in enumerate(pts):
+            if p.stopped is None and not finite[i]:
+                p.stopped = (f"step {step}: non-finite training (loss {float(out['loss'][i])}, "
+                             f"gradient norm {float(out['grad_norm'][i])}); stopped alone, the "
+                             "group continued; lower optim.lr and rerun it")
+                log(f"{p.workdir.name}: {p.stopped}")
+                wd.write_json(p.workdir / "diverged.json", {"step": step, "reason": p.stopped})
+            if step == start + 1:
+                p.progress.mark(step)
+        if step % t_cfg.log_every == 0 or step == steps:
+            losses, norms = np.asarray(out["loss"]), np.asarray(out["grad_norm"])
+            for i, p in enumerate(pts):
+                if p.stopped is not None:
+                    continue
+                p.loss = float(losses[i])
+                rates = p.progress.report(step)
+                p.metrics.write(step, "train", loss=float(losses[i]), grad_norm=float(norms[i]),
+                                lr=float(p.setup.lr(step - 1)), skipped_steps=0, **rates)
+            log(f"step {step}/{steps}  losses " + " ".join(f"{l:.4f}" for l in losses))
+        if step % t_cfg.eval_every == 0 and step != steps:
+            for p, ev in zip(pts, run_evals(trainables, states)):
+                if p.stopped is None:
+                    p.metrics.write(step, "eval", **ev)
+        if step % t_cfg.checkpoint_every == 0:
+            save(step)
+    save(step)
+    finals = run_evals(trainables, states)
+    return [_finish(p, trainables[i], states[i], finals[i], step, train_time)
+            for i, p in enumerate(pts)]
+
+
+def _restore(pts, trainables, opt_states):
+    """``(start, trainables, opt_states)`` from the points' newest checkpoints (all at one step)."""
+    got = [p.ckpts.restore_latest((t, o)) for p, t, o in zip(pts, trainables, opt_states)]
+    starts = sorted({s for s, _ in got})
+    if len(starts) > 1:
+        at = {p.workdir.name: s for p, (s, _) in zip(pts, got)}
+        raise ValueError(f"a batched group resumes together, but its points' newest checkpoints "
+                         f"are at different steps {at}; resume them solo (python -m "
+                         "experiments.train) or delete their checkpoints/")
+    return starts[0], tuple(t for _, (t, _) in got), tuple(o for _, (_, o) in got)
+
+
+def _frozen(p: _Point, state) -> dict:
+    return {"params": p.setup.frozen["params"], "state": state}
+
+
+def _finish(p: _Point, trainable, state, final: dict, step: int, train_time: float) -> dict:
+    """The solo run's final eval, export and ``summary.json`` for one point."""
+    if p.stopped is not None:
+        return {"diverged": True, "reason": p.stopped}
+    cfg, frozen = p.cfg, _frozen(p, state)
+    p.metrics.write(step, "eval", **final)
+    p.setup.export(trainable, frozen, p.workdir)
+    n_train, n_base = lj.count_params(trainable), lj.count_params(frozen["params"])
+    tokens = cfg.train.batch_size * cfg.data.seq_len * step
+    summary = {
+        "method": cfg.method,
+        "model": f"{cfg.model.family}/{cfg.model.preset}" if not cfg.model.hf_path
+        else cfg.model.hf_path,
+        "trainable_params": n_train,
+        "total_params": n_base + n_train,
+        "steps": step,
+        "train_seconds": train_time,
+        "final_train_loss": p.loss,
+        "final_eval_loss": final["loss"],
+        "base_eval_loss": p.base_eval["loss"],
+        "base_accuracy": p.base_eval["accuracy"],
+        "accuracy": final["accuracy"],
+        "tokens_per_sec": tokens / train_time if train_time > 0 else None,
+        "skipped_steps": 0,
+        "batched": True,  # train_seconds is the whole group's
+    }
+    wd.write_json(p.workdir / "summary.json", summary)
+    return summary
