@@ -19,3 +19,10 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the controller's; workers inherit it
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="lora_jax_tests_jit_")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first (stable otherwise): the xdist workers start on the long poles (the SIGKILL
+    loop, multi-process runs) while the many short tests fill in around them, instead of one
+    long test starting last and running alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
