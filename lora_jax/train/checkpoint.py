@@ -93,13 +93,9 @@ def _leaf_checksum(x):
                       for seed in (0x9E3779B9, 0x7F4A7C15)])
 
 
-# Jitted per leaf, not over the whole tree: one small program per (shape, dtype, sharding), shared
-# by the many leaves alike (scan stacks, layers) and by every tree a process checkpoints.
-_leaf_checksum_jit = jax.jit(_leaf_checksum)
-
-
+@jax.jit
 def _checksum_arrays(flat: dict) -> dict:
-    return {k: _leaf_checksum_jit(jnp.asarray(v)) for k, v in flat.items()}
+    return {k: _leaf_checksum(jnp.asarray(v)) for k, v in flat.items()}
 
 
 def _to_host(x) -> np.ndarray:
