@@ -119,6 +119,9 @@ class Method:
 
     name: ClassVar[str] = ""
     example_args: ClassVar[dict] = {}  # arguments the conformance suite builds it with
+    # Its adapters of several runs stack into one routed bank (lj.stack_adapters), so a batched
+    # sweep (train/batched.py) can train them in one step.
+    stackable: ClassVar[bool] = False
 
     def __post_init__(self):
         hints = typing.get_type_hints(type(self))

@@ -57,6 +57,7 @@ class DoRA(lora.LoRA):
     """DoRA: LoRA's hyperparameters (``init_weights``, ``lora_plus_ratio``) and a magnitude."""
 
     name: ClassVar[str] = "dora"
+    stackable: ClassVar[bool] = False  # its magnitude is not in the bank
 
     def init(self, key, kernel, layout, rank, scale, dropout) -> Adapter:
         _check_layout(layout)

@@ -87,6 +87,7 @@ class LoRA(Method):
     for Adam(W) equals scaling B's learning rate."""
 
     name: ClassVar[str] = "lora"
+    stackable: ClassVar[bool] = True
     init_weights: str = "default"
     lora_plus_ratio: float = 0.0
 

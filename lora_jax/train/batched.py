@@ -66,9 +66,9 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def solo_reason(cfg: Experiment) -> str | None:
     """Why ``cfg`` cannot train in a batched group (None: it can)."""
-    if cfg.method != "lora":
-        return (f"method {cfg.method!r}: a bank routes plain LoRA only (full fine-tuning and other "
-                "methods train solo)")
+    if cfg.full_finetune or not trainer.build_method(cfg).stackable:
+        return (f"method {cfg.method!r}: its adapters do not stack into a bank (full fine-tuning "
+                "and such methods train solo)")
     if cfg.data.kind not in LM_KINDS:
         return (f"data.kind={cfg.data.kind!r}: a batched group trains the token loss of "
                 f"{LM_KINDS} only")
