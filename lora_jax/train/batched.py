@@ -403,24 +403,8 @@ def _finish(p: _Point, trainable, state, final: dict, step: int, train_time: flo
     cfg, frozen = p.cfg, _frozen(p, state)
     p.metrics.write(step, "eval", **final)
     p.setup.export(trainable, frozen, p.workdir)
-    n_train, n_base = lj.count_params(trainable), lj.count_params(frozen["params"])
-    tokens = cfg.train.batch_size * cfg.data.seq_len * step
-    summary = {
-        "method": cfg.method,
-        "model": f"{cfg.model.family}/{cfg.model.preset}" if not cfg.model.hf_path
-        else cfg.model.hf_path,
-        "trainable_params": n_train,
-        "total_params": n_base + n_train,
-        "steps": step,
-        "train_seconds": train_time,
-        "final_train_loss": p.loss,
-        "final_eval_loss": final["loss"],
-        "base_eval_loss": p.base_eval["loss"],
-        "base_accuracy": p.base_eval["accuracy"],
-        "accuracy": final["accuracy"],
-        "tokens_per_sec": tokens / train_time if train_time > 0 else None,
-        "skipped_steps": 0,
-        "batched": True,  # train_seconds is the whole group's
-    }
+    summary = trainer.summary_record(cfg, trainable, frozen, step, train_time, p.loss, final,
+                                     p.base_eval, skipped=0)
+    summary["batched"] = True  # train_seconds is the whole group's
     wd.write_json(p.workdir / "summary.json", summary)
     return summary

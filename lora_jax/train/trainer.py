@@ -694,10 +694,30 @@ def _train(cfg, workdir, setup, sh, train_step, eval_step, loss_fn, loader, ckpt
     exported = sharding.gather_for_export(trainable, frozen)  # adapters only; every process
     if jax.process_index() == 0:
         setup.export(*exported, workdir)
+    summary = summary_record(cfg, trainable, frozen, step, train_time, loss, final, base_eval,
+                             skipped)
+    if cfg.train.eval_generate:  # exact match by real greedy decoding, beside teacher forcing
+        summary["accuracy_generated"] = generated_accuracy(setup, model, trainable, frozen,
+                                                           eval_arrays, tasks)
+        log(f"exact match by greedy decoding: {summary['accuracy_generated']['mean']:.3f} "
+            f"(teacher-forced: {final['accuracy']['mean']:.3f})")
+    for c in callbacks:
+        summary.update(c.finish(*exported, workdir))
+    if jax.process_index() == 0:
+        wd.write_json(workdir / "summary.json", summary)
+    log(_accuracy_table(base_eval["accuracy"], final["accuracy"]))
+    log(f"eval loss {base_eval['loss']:.4f} -> {final['loss']:.4f} | trainable params "
+        f"{summary['trainable_params']:,} of {summary['total_params']:,} | train time {format_duration(train_time)}")
+    return summary
+
+
+def summary_record(cfg: Experiment, trainable, frozen, step: int, train_time: float,
+                   loss: float, final: dict, base_eval: dict, skipped: int) -> dict:
+    """The ``summary.json`` keys every run has (solo and batched); callers add their own."""
     n_train = lj.count_params(trainable)
     n_base = lj.count_params(frozen.get("params", {}))
     tokens = cfg.train.batch_size * cfg.data.seq_len * step
-    summary = {
+    return {
         "method": cfg.method,
         "model": f"{cfg.model.family}/{cfg.model.preset}" if not cfg.model.hf_path
         else cfg.model.hf_path,
@@ -713,19 +733,6 @@ def _train(cfg, workdir, setup, sh, train_step, eval_step, loss_fn, loader, ckpt
         "tokens_per_sec": tokens / train_time if train_time > 0 else None,
         "skipped_steps": skipped,
     }
-    if cfg.train.eval_generate:  # exact match by real greedy decoding, beside teacher forcing
-        summary["accuracy_generated"] = generated_accuracy(setup, model, trainable, frozen,
-                                                           eval_arrays, tasks)
-        log(f"exact match by greedy decoding: {summary['accuracy_generated']['mean']:.3f} "
-            f"(teacher-forced: {final['accuracy']['mean']:.3f})")
-    for c in callbacks:
-        summary.update(c.finish(*exported, workdir))
-    if jax.process_index() == 0:
-        wd.write_json(workdir / "summary.json", summary)
-    log(_accuracy_table(base_eval["accuracy"], final["accuracy"]))
-    log(f"eval loss {base_eval['loss']:.4f} -> {final['loss']:.4f} | trainable params "
-        f"{n_train:,} of {n_base + n_train:,} | train time {format_duration(train_time)}")
-    return summary
 
 
 def generated_accuracy(setup: Setup, model, trainable, frozen, arrays, tasks) -> dict:
