@@ -8,6 +8,9 @@ names)`), which batch keys the model takes, in order (`inputs`), and what is lea
 
 - `'lm'` (kinds `tasks`, `jsonl`, `text`): `inputs` int32 (N, T), `targets` int32 (N, T),
   `loss_mask` float32 (N, T), `task_ids` int32 (N,); next-token loss, exact-match accuracy.
+  `jsonl` and `text` rows are packed and also carry `segment_ids` int32 (N, T) (0 = padding,
+  1.. = the example or document in the row), the model's second input (`GPT2`, `Llama`: masks
+  attention block-diagonally and restarts positions per segment).
 - `'classify'` (kinds `sentences`, `images`): the model's inputs, `labels` int32 (N,) and
   `task_ids` int32 (N,); cross-entropy on the labels, argmax accuracy.
   `sentences` is the sentence-pair task of `sentences.py` (`tokens`, `token_types`, `mask` (N, T);
@@ -114,14 +117,15 @@ def _image_example(dc) -> np.ndarray:
     return np.zeros((1, images.IMAGE_SIZE, images.IMAGE_SIZE, 1), np.float32)
 
 
-_LM = dict(inputs=("inputs",), objective="lm", tokenizer=lambda dc: get_tokenizer(dc.tokenizer),
+_LM = dict(objective="lm", tokenizer=lambda dc: get_tokenizer(dc.tokenizer),
            example=_tokens_example)
+_PACKED = dict(_LM, inputs=("inputs", "segment_ids"), check=_check_files,
+               files=lambda dc: [dc.train_path, dc.eval_path], pretrain_kind="tasks")
 KINDS: dict[str, Kind] = {
-    "tasks": Kind(**_LM, check=lambda dc: _check_tasks(dc, TASKS), load=_load_tasks),
-    "jsonl": Kind(**_LM, check=_check_files, load=_file_loader(load_jsonl),
-                  files=lambda dc: [dc.train_path, dc.eval_path], pretrain_kind="tasks"),
-    "text": Kind(**_LM, check=_check_files, load=_file_loader(lambda p, t, n: load_text([p], t, n)),
-                 files=lambda dc: [dc.train_path, dc.eval_path], pretrain_kind="tasks"),
+    "tasks": Kind(**_LM, inputs=("inputs",), check=lambda dc: _check_tasks(dc, TASKS),
+                  load=_load_tasks),
+    "jsonl": Kind(**_PACKED, load=_file_loader(load_jsonl)),
+    "text": Kind(**_PACKED, load=_file_loader(lambda p, t, n: load_text([p], t, n))),
     "sentences": Kind(inputs=("tokens", "token_types", "mask"), objective="classify",
                       check=_check_sentences, tokenizer=_sentence_tokenizer,
                       example=_tokens_example, load=_load_sentences),

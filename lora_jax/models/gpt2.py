@@ -8,11 +8,16 @@ contract with the LoRA target presets and the Hugging Face loader (`lora_jax.mod
 `mlp/c_fc`, `mlp/c_proj`, and `ln_f`; the LM head is tied to `wte`. Checkpoint loading,
 adapters and training live elsewhere.
 
+Packed rows: `segment_ids` (batch, seq) (0 = padding, 1.. = the example in the row), the optional
+second argument, make attention block-diagonal causal and restart positions at each segment
+(`segment_positions`), so each example is computed as if it were alone in its row.
+
 Decoding: called with `cache=` (from `init_cache`), the model writes the new keys and values at
 slot `cache_index` of a fixed-size per-layer KV cache and returns `(logits, cache)`; `positions`
 (batch, seq) and `kv_mask` (batch, slots) let left-padded batches keep their own positions and
-hide their pad slots. The mask helper `attention_mask` and the cache plumbing of the layer stack
-are shared with `llama.py`. The generation loop itself lives in `lora_jax.generate`.
+hide their pad slots. The mask helpers `attention_mask` and `segment_positions` and the cache
+plumbing of the layer stack are shared with `llama.py`. The generation loop itself lives in
+`lora_jax.generate`.
 """
 
 from __future__ import annotations
@@ -104,7 +109,8 @@ def causal_mask(seq_len: int):
     return jnp.tril(jnp.ones((seq_len, seq_len), dtype=bool))[None, None]
 
 
-def attention_mask(seq_len: int, kv_mask=None, cache_index=None, n_slots: int | None = None):
+def attention_mask(seq_len: int, kv_mask=None, cache_index=None, n_slots: int | None = None,
+                   segment_ids=None):
     """The attention mask for `seq_len` queries written at slots `cache_index + arange(seq_len)`.
 
     Args:
@@ -112,10 +118,12 @@ def attention_mask(seq_len: int, kv_mask=None, cache_index=None, n_slots: int | 
       kv_mask: bool (batch, n_slots), False at pad slots; None: every slot is valid.
       cache_index: int scalar array, the slot of the first query (None: 0, no cache).
       n_slots: number of key slots (the cache length; default `seq_len`).
+      segment_ids: int (batch, seq_len) of packed rows (no cache): a query sees only keys of its
+        own segment (block-diagonal causal); None: one segment.
     Returns:
       bool (1 or batch, 1, seq_len, n_slots): query i may see key slot j <= its own slot.
     """
-    if kv_mask is None and cache_index is None:
+    if kv_mask is None and cache_index is None and segment_ids is None:
         return causal_mask(seq_len)
     n_slots = seq_len if n_slots is None else n_slots
     start = 0 if cache_index is None else cache_index
@@ -123,7 +131,31 @@ def attention_mask(seq_len: int, kv_mask=None, cache_index=None, n_slots: int | 
     mask = (jnp.arange(n_slots)[None, :] <= q_slot[:, None])[None, None]
     if kv_mask is not None:
         mask = mask & kv_mask[:, None, None, :].astype(bool)
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
     return mask
+
+
+def segment_positions(segment_ids):
+    """Each token's index within its segment: int32 (batch, seq) from int (batch, seq) ids.
+
+    Example: ids `[[1, 1, 1, 2, 2, 0]]` give `[[0, 1, 2, 0, 1, 0]]`.
+    """
+    idx = jnp.arange(segment_ids.shape[-1], dtype=jnp.int32)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+
+
+def packed_positions(name: str, segment_ids, positions, cache):
+    """The positions model `name` uses: `positions` if given, else per segment with
+    `segment_ids` (else None: arange). Packed rows and a KV cache together are an error."""
+    if segment_ids is None:
+        return positions
+    if cache is not None:
+        raise ValueError(f"{name}: segment_ids (packed rows) are for training and scoring; "
+                         "decode with a cache without them")
+    return segment_positions(segment_ids) if positions is None else positions
 
 
 def update_cache(layer_cache, k, v, cache_index):
@@ -285,6 +317,8 @@ def build_layer_stack(block_cls, cfg, *, deterministic: bool, prefix: str):
 class GPT2(nn.Module):
     """GPT-2 language model: int32 tokens (batch, seq) -> float32 logits (batch, seq, vocab).
 
+    `segment_ids` (batch, seq) int, for packed rows: 0 = padding, 1.. = the example; attention
+    stays within a segment and positions restart at each (unless `positions` are given).
     With `cache` (from `init_cache`) it returns `(logits, cache)`, the tokens' keys and values
     written at slots `cache_index + arange(seq)`. `positions` (batch, seq) default to
     `arange(seq)`; `kv_mask` (batch, slots) is False at pad slots (slots = seq without a cache).
@@ -293,12 +327,13 @@ class GPT2(nn.Module):
     cfg: GPT2Config
 
     @nn.compact
-    def __call__(self, tokens, *, deterministic: bool = True, positions=None, kv_mask=None,
-                 cache=None, cache_index=None):
+    def __call__(self, tokens, segment_ids=None, *, deterministic: bool = True, positions=None,
+                 kv_mask=None, cache=None, cache_index=None):
         cfg = self.cfg
         seq = tokens.shape[-1]
         if cache is not None and cache_index is None:
             raise ValueError("GPT2: decoding with a cache needs cache_index= (an int array)")
+        positions = packed_positions("GPT2", segment_ids, positions, cache)
         if seq > cfg.n_positions:
             raise ValueError(
                 f"GPT2: sequence length {seq} exceeds n_positions={cfg.n_positions}; "
@@ -313,7 +348,8 @@ class GPT2(nn.Module):
         x = wte(tokens) + (wpe(jnp.arange(seq))[None] if positions is None else wpe(positions))
         x = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(x)
         n_slots = seq if cache is None else cache["k"].shape[2]
-        side = (attention_mask(seq, kv_mask, cache_index, n_slots), positions, cache_index)
+        side = (attention_mask(seq, kv_mask, cache_index, n_slots, segment_ids), positions,
+                cache_index)
         x, cache = build_layer_stack(GPT2Block, cfg, deterministic=deterministic, prefix="h")(
             x, cache, side)
         x = _layer_norm(cfg, "ln_f")(x)

@@ -7,8 +7,9 @@ names; module names (`embed_tokens`, `layers_{i}` or a scanned `layers`, `self_a
 `mlp/{gate,up,down}_proj`, `input_layernorm`, `post_attention_layernorm`, `norm`, `lm_head`) are a
 contract with the LoRA target presets and the Hugging Face loader (`lora_jax.models.hf`).
 The layer-stack builder, attention mask and KV-cache helpers are shared with `gpt2.py`
-(decoding: `Llama(cfg)(tokens, cache=..., cache_index=..., positions=..., kv_mask=...)` returns
-`(logits, cache)`; the cache holds the rotated keys of the `n_kv_heads` heads).
+(packed rows: `Llama(cfg)(tokens, segment_ids)`; decoding: `Llama(cfg)(tokens, cache=...,
+cache_index=..., positions=..., kv_mask=...)` returns `(logits, cache)`; the cache holds the
+rotated keys of the `n_kv_heads` heads).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from lora_jax.models.gpt2 import (attention_mask, build_layer_stack, causal_mask, make_cache,
-                                  update_cache)
+from lora_jax.models.gpt2 import (packed_positions, attention_mask, build_layer_stack, causal_mask,
+                                  make_cache, update_cache)
 
 Dtype = Any
 _INIT_STD = 0.02
@@ -260,19 +261,20 @@ class LlamaBlock(nn.Module):
 class Llama(nn.Module):
     """Llama language model: int32 tokens (batch, seq) -> float32 logits (batch, seq, vocab).
 
-    Decoding arguments (`positions`, `kv_mask`, `cache`, `cache_index`) as in `GPT2`; with a
-    cache it returns `(logits, cache)`.
+    `segment_ids` (packed rows) and the decoding arguments (`positions`, `kv_mask`, `cache`,
+    `cache_index`) as in `GPT2`; with a cache it returns `(logits, cache)`.
     """
 
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, tokens, *, deterministic: bool = True, positions=None, kv_mask=None,
-                 cache=None, cache_index=None):
+    def __call__(self, tokens, segment_ids=None, *, deterministic: bool = True, positions=None,
+                 kv_mask=None, cache=None, cache_index=None):
         cfg = self.cfg
         seq = tokens.shape[-1]
         if cache is not None and cache_index is None:
             raise ValueError("Llama: decoding with a cache needs cache_index= (an int array)")
+        positions = packed_positions("Llama", segment_ids, positions, cache)
         if seq > cfg.max_seq_len:
             raise ValueError(
                 f"Llama: sequence length {seq} exceeds max_seq_len={cfg.max_seq_len}; "
@@ -283,7 +285,8 @@ class Llama(nn.Module):
                          embedding_init=_init("vocab", "embed"), name="embed_tokens")
         x = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(embed(tokens))
         n_slots = seq if cache is None else cache["k"].shape[2]
-        side = (attention_mask(seq, kv_mask, cache_index, n_slots), positions, cache_index)
+        side = (attention_mask(seq, kv_mask, cache_index, n_slots, segment_ids), positions,
+                cache_index)
         x, cache = build_layer_stack(LlamaBlock, cfg, deterministic=deterministic,
                                      prefix="layers")(x, cache, side)
         x = _rms_norm(cfg, "norm")(x)

@@ -16,17 +16,20 @@ def _write_jsonl(path, records):
     return str(path)
 
 
-def test_load_text_packs_stream_with_every_token_a_target_once(tmp_path):
+def test_load_text_packs_stream_with_every_token_but_a_documents_first_a_target_once(tmp_path):
     (tmp_path / "a.txt").write_text("hello world")
     (tmp_path / "b.txt").write_text("low rank")
     data = load_text([str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], TOK, seq_len=8)
-    stream = TOK.encode("hello world") + [TOK.eos_id] + TOK.encode("low rank") + [TOK.eos_id]
+    a = TOK.encode("hello world") + [TOK.eos_id]
+    b = TOK.encode("low rank") + [TOK.eos_id]
     assert data["inputs"].shape == (3, 8)  # ceil((21 - 1) / 8)
     targets = data["targets"][data["loss_mask"] > 0]
-    np.testing.assert_array_equal(targets, stream[1:])
-    np.testing.assert_array_equal(data["inputs"][0], stream[:8])
-    assert (data["task_ids"] == 0).all() and data["loss_mask"].sum() == 20
-    assert (data["targets"][data["loss_mask"] == 0] == TOK.pad_id).all()
+    np.testing.assert_array_equal(targets, a[1:] + b[1:])  # b[0]: nothing of b precedes it
+    np.testing.assert_array_equal(data["inputs"][0], a[:8])
+    np.testing.assert_array_equal(data["segment_ids"],
+                                  [[1] * 8, [1] * 4 + [2] * 4, [1] * 4 + [0] * 4])
+    assert (data["task_ids"] == 0).all() and data["loss_mask"].sum() == 19
+    assert (data["targets"][data["loss_mask"] == 0] != TOK.pad_id).sum() == 1  # b[0] only
 
 
 def test_load_jsonl_unpacked_loss_on_completion_and_eos(tmp_path):
@@ -35,6 +38,7 @@ def test_load_jsonl_unpacked_loss_on_completion_and_eos(tmp_path):
         {"prompt": "say hi ", "completion": "hi"}])
     data = load_jsonl(path, TOK, seq_len=16, pack=False)
     assert data["inputs"].shape == (2, 16)
+    np.testing.assert_array_equal(data["segment_ids"], [[1] * 10 + [0] * 6] * 2)  # BOS + 9
     for row, (prompt, completion) in enumerate([("Q: 2+2? ", "4"), ("say hi ", "hi")]):
         mask = data["loss_mask"][row] > 0
         assert TOK.decode(data["inputs"][row]) == prompt + completion
@@ -53,6 +57,8 @@ def test_load_jsonl_packs_whole_examples_per_task(tmp_path):
         tokens = data["inputs"][row]
         starts = np.flatnonzero(tokens == TOK.bos_id)
         assert starts.tolist() in ([0, 6], [0])  # examples start at BOS, never split
+        seg = data["segment_ids"][row]
+        assert np.flatnonzero(np.diff(seg, prepend=0) > 0).tolist() == starts.tolist()
     assert data["loss_mask"].sum() == 6 * 3  # completion (2) + EOS per example
     assert TOK.decode(data["inputs"][0]) == "p0c0p2c2"
     mapped = load_jsonl(path, TOK, seq_len=12, task_names=["x", "b", "a"])
