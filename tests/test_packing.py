@@ -2,6 +2,7 @@
 GPT-2 and Llama, and a loss that never predicts across a boundary."""
 
 import json
+import types
 
 import jax
 import jax.numpy as jnp
@@ -9,10 +10,13 @@ import numpy as np
 import optax
 import pytest
 
+from lora_jax import sharding
+from lora_jax.data.kinds import get_kind
 from lora_jax.data.text import load_jsonl, rows_to_arrays
 from lora_jax.data.tokenizers import ByteTokenizer
 from lora_jax.models import get_model
 from lora_jax.models.gpt2 import segment_positions
+from lora_jax.train.config import MeshConfig
 from lora_jax.train.steps import objective_for
 
 TOK = ByteTokenizer()
@@ -50,6 +54,13 @@ def test_load_jsonl_packs_by_default_with_segments_at_example_boundaries(jsonl):
     for tokens, record in zip(found, RECORDS):  # in file order; the row's last loses its EOS
         full = _example_tokens(record)
         assert tokens in (full, full[:-1]), (tokens, full)
+
+
+def test_jsonl_kind_packs_train_rows_and_scores_eval_examples_one_per_row(jsonl):
+    dc = types.SimpleNamespace(train_path=jsonl, eval_path=jsonl, seq_len=SEQ)
+    train, evals, _ = get_kind("jsonl").load(dc, TOK)
+    assert len(train["inputs"]) < len(RECORDS) and train["segment_ids"].max() > 1
+    assert len(evals["inputs"]) == len(RECORDS) and evals["segment_ids"].max() == 1
 
 
 def test_rows_to_arrays_drops_targets_across_a_boundary():
@@ -115,3 +126,21 @@ def test_unpacked_rows_with_segment_ids_match_the_plain_path():
                                rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="segment_ids .* decode with a cache without them"):
         model.apply(params, tokens, ones, cache={"k": None}, cache_index=jnp.int32(0))
+
+
+def test_packed_batch_shards_over_8_devices_like_one(jsonl):
+    """`segment_ids` travel as a batch key: sharded over the data axes (fsdp_tp mesh, params in
+    their shards), the trainer's forward gives the 1-device logits."""
+    model, _ = get_model("llama", "tiny", n_layers=1)
+    packed = load_jsonl(jsonl, TOK, SEQ)
+    batch = {k: np.resize(v, (4,) + v.shape[1:]) for k, v in packed.items()}  # 4 = fsdp size
+    mesh = sharding.make_mesh(MeshConfig(preset="fsdp_tp"))
+    rules = sharding.logical_rules(MeshConfig(preset="fsdp_tp"))
+    params = sharding.init_sharded(model, batch["inputs"][:1], mesh, rules)
+    objective = objective_for("jsonl")
+    fwd = sharding.batch_sharded(lambda t, f, inputs: model.apply({"params": t}, *inputs), mesh)
+    run = jax.jit(lambda p, b: fwd(p, None, objective.model_inputs(b)))
+    eight = run(params, sharding.shard_batch(batch, mesh))
+    one = run(jax.device_get(params), batch)
+    assert len(eight.sharding.device_set) == 8
+    np.testing.assert_allclose(eight, one, rtol=1e-5, atol=1e-5)

@@ -8,9 +8,10 @@ names)`), which batch keys the model takes, in order (`inputs`), and what is lea
 
 - `'lm'` (kinds `tasks`, `jsonl`, `text`): `inputs` int32 (N, T), `targets` int32 (N, T),
   `loss_mask` float32 (N, T), `task_ids` int32 (N,); next-token loss, exact-match accuracy.
-  `jsonl` and `text` rows are packed and also carry `segment_ids` int32 (N, T) (0 = padding,
-  1.. = the example or document in the row), the model's second input (`GPT2`, `Llama`: masks
-  attention block-diagonally and restarts positions per segment).
+  `jsonl` and `text` train rows are packed (`jsonl` eval rows hold one example each, so exact
+  match is per example) and carry `segment_ids` int32 (N, T) (0 = padding, 1.. = the example or
+  document in the row), the model's second input (`GPT2`, `Llama`: attention stays within a
+  segment and positions restart at each).
 - `'classify'` (kinds `sentences`, `images`): the model's inputs, `labels` int32 (N,) and
   `task_ids` int32 (N,); cross-entropy on the labels, argmax accuracy.
   `sentences` is the sentence-pair task of `sentences.py` (`tokens`, `token_types`, `mask` (N, T);
@@ -23,6 +24,7 @@ The losses live in `lora_jax.train.steps` (`objective_for`); this module is nump
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any, Callable
 
@@ -78,11 +80,12 @@ def _check_files(dc) -> None:
             raise ValueError(f"data file {p!r} does not exist; check data.train_path/eval_path")
 
 
-def _file_loader(read: Callable) -> Callable:
+def _file_loader(read: Callable, read_eval: Callable | None = None) -> Callable:
+    """Train rows by `read` (this host's share), eval rows by `read_eval` (default `read`)."""
     def load(dc, tokenizer, process_index=0, process_count=1):
         train = shard_rows(read(dc.train_path, tokenizer, dc.seq_len), process_index,
                            process_count)
-        return train, read(dc.eval_path, tokenizer, dc.seq_len), ("all",)
+        return train, (read_eval or read)(dc.eval_path, tokenizer, dc.seq_len), ("all",)
     return load
 
 
@@ -124,7 +127,8 @@ _PACKED = dict(_LM, inputs=("inputs", "segment_ids"), check=_check_files,
 KINDS: dict[str, Kind] = {
     "tasks": Kind(**_LM, inputs=("inputs",), check=lambda dc: _check_tasks(dc, TASKS),
                   load=_load_tasks),
-    "jsonl": Kind(**_PACKED, load=_file_loader(load_jsonl)),
+    "jsonl": Kind(**_PACKED, load=_file_loader(load_jsonl, functools.partial(load_jsonl,
+                                                                           pack=False))),
     "text": Kind(**_PACKED, load=_file_loader(lambda p, t, n: load_text([p], t, n))),
     "sentences": Kind(inputs=("tokens", "token_types", "mask"), objective="classify",
                       check=_check_sentences, tokenizer=_sentence_tokenizer,
