@@ -3,7 +3,8 @@
 Every dataset comes out as a dict of numpy arrays, the contract with the trainer, whose keys
 depend on its kind (`kinds.py`, the table from `DataConfig.kind` to its loader): for language
 modelling `inputs` int32 (N, T), `targets` int32 (N, T) (next tokens), `loss_mask` float32 (N, T),
-`task_ids` int32 (N,); for classification the model's inputs, `labels` int32 (N,) and `task_ids`.
+`task_ids` int32 (N,), and for packed rows (the `text` and `jsonl` kinds) `segment_ids` int32 (N, T)
+(0 on padding, 1, 2, ... per example in the row); for classification the model's inputs, `labels` int32 (N,) and `task_ids`.
 Pure numpy: nothing here imports JAX, and importing has no side effects.
 """
 
