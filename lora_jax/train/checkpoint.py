@@ -32,6 +32,11 @@ from lora_jax.train.workdir import read_json, write_json
 TRASH = "deleting"  # orbax's todelete_subdir: rotated steps are renamed here, then removed
 FORMAT = 1
 CHECKSUM = "sum of murmur3-mixed 32-bit words and indices, 2 x 32 bits, over the global array"
+# orbax writes a replicated array from all its replicas, a slice each, when each slice has at
+# least this many bytes. Below it, one replica writes the whole array: each slice costs a
+# dispatched (and once per shape, compiled) slicing op, which for adapter-sized leaves takes far
+# longer than the write it splits (a tiny run's save: 48 compiled slices, most of its time).
+REPLICA_PARALLEL_MIN_BYTES = 1 << 20
 
 
 class CheckpointMismatch(ValueError):
@@ -165,8 +170,15 @@ class Checkpoints:
         self.log = log
         self.async_save = async_save
         self._intact: set[int] = set()  # steps this object saved or verified
+        th = ocp.type_handlers
+        arrays = th.create_type_handler_registry(
+            (jax.Array, th.ArrayHandler(
+                min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES)),
+            (np.ndarray, th.NumpyHandler()), (np.number, th.ScalarHandler()))
         self.manager = ocp.CheckpointManager(
             self.directory,
+            item_handlers={"state": ocp.PyTreeCheckpointHandler(type_handler_registry=arrays),
+                           "meta": ocp.JsonCheckpointHandler()},
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
                 todelete_subdir=TRASH, cleanup_tmp_directories=True))
@@ -204,7 +216,7 @@ class Checkpoints:
         meta = {"format": FORMAT, "step": step, "info": self.info or {}, "checksum": CHECKSUM,
                 "leaves": {k: {**_leaf_spec(x), "checksum": sums[k]} for k, x in flat.items()}}
         self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(flat), meta=ocp.args.JsonSave(meta)), force=True)
+            state=ocp.args.PyTreeSave(flat), meta=ocp.args.JsonSave(meta)), force=True)
         self._intact.add(step)
         if not self.async_save:  # rotation is done: remove what it renamed away
             self._empty_trash()
@@ -245,7 +257,9 @@ class Checkpoints:
         got, reason = None, "unreadable on another process"
         try:
             got = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract)))["state"]
+                state=ocp.args.PyTreeRestore(
+                    abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
+            ))["state"]
         except Exception as e:  # orbax raises many types for missing or damaged files
             reason = f"unreadable: {_short(e)}"
         if not _all_agree(got is not None):
