@@ -9,7 +9,8 @@ and the optimizer (learning rate, schedule, warm-up, weight decay, clipping) tra
   the K batches are stacked (K, B, seq) and the step's forward pass is the solo one ``jax.vmap``-ed
   over the points: the frozen base is shared (not mapped), point i's rows are routed to slot i of
   a bank (``lj.stack_adapters``, methods/bank.py) and its dropout key is its solo run's, so its
-  adapter-dropout masks are the solo run's too (``PointBank``: each slot its own rate);
+  adapter-dropout masks (``PointBank``: each slot its own rate) and model-dropout masks (a rate
+  the group shares) are the solo run's too;
 - the bank is built INSIDE the loss from the points' own unpadded trainable trees, so a smaller
   rank is zero-padded on the fly: the padding is no parameter, gets no gradient and no optimizer
   state, and each point's tree, optimizer and state have exactly its solo run's structure;
@@ -26,8 +27,8 @@ Each point's workdir gets what its solo run writes (``run.json``, ``base_eval.js
 ``metrics.jsonl``, ``tb/``, ``adapter/``, ``summary.json``), evaluated as the solo eval does.
 Checkpoints are each point's own, in its solo run's format: a group interrupted by SIGTERM
 resumes exactly (all points from the same step), and a point's checkpoint also resumes solo.
-Not here: multi-process runs (a group runs in one process, on all its local devices), model
-dropout, PiSSA, other methods (``group_key`` says why such a point runs solo).
+Not here: multi-process runs (a group runs in one process, on all its local devices), PiSSA,
+modules_to_save, other methods (``solo_reason`` says why such a point runs solo).
 """
 
 from __future__ import annotations
@@ -86,8 +87,6 @@ def solo_reason(cfg: Experiment) -> str | None:
     extra = sorted(set(cfg.method_args) - {"init_weights", "lora_plus_ratio"})
     if extra:
         return f"method_args {extra} are not batched"
-    if "dropout" in cfg.model.overrides:
-        return "model dropout: each point's dropout stream cannot be reproduced in a shared batch"
     if cfg.adapter.modules_to_save:
         return "modules_to_save changes the base per point"
     if cfg.train.skip_nonfinite:

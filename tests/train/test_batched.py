@@ -26,9 +26,10 @@ POINTS = [dict(rank=2, lr=3e-3, seed=0), dict(rank=8, lr=1e-2, seed=1, dropout=0
 
 
 def point(rank, lr, seed, rslora=False, wd=0.0, steps=4, dropout=0.0, warmup=2,
-          mesh=MeshConfig()) -> Experiment:
+          mesh=MeshConfig(), model_dropout=0.0) -> Experiment:
     cfg = tiny(Experiment(), steps=steps)
-    model = dataclasses.replace(cfg.model, overrides=cfg.model.overrides + ",n_layers=1")
+    extra = ",n_layers=1" + (f",dropout_rate={model_dropout}" if model_dropout else "")
+    model = dataclasses.replace(cfg.model, overrides=cfg.model.overrides + extra)
     return dataclasses.replace(
         cfg, seed=seed, model=model, mesh=mesh,
         adapter=AdapterConfig(rank=rank, alpha=2.0 * rank, targets="qv", rslora=rslora,
@@ -85,9 +86,11 @@ def test_plan_groups_says_why_points_train_solo():
             dataclasses.replace(base, adapter=dataclasses.replace(base.adapter, targets="all-linear")),
             dataclasses.replace(base, method_args={"init_weights": "pissa"}),
             dataclasses.replace(base, adapter=dataclasses.replace(base.adapter, dropout=0.1)),
-            dataclasses.replace(base, data=dataclasses.replace(base.data, kind="images"))]
+            dataclasses.replace(base, data=dataclasses.replace(base.data, kind="images")),
+            point(rank=4, lr=1e-3, seed=0, model_dropout=0.1)]
     groups, solo = batched.plan_groups(cfgs)
-    assert groups == [[0, 1, 5]]  # adapter dropout is per point
+    assert groups == [[0, 1, 5]]  # adapter dropout is per point; model dropout is shared
+    assert "no other point shares" in solo[7]
     assert "method 'dora'" in solo[2] and "no other point shares" in solo[3]
     assert "PiSSA" in solo[4] and "token loss" in solo[6]
     with pytest.raises(ValueError, match="adapter.targets"):
@@ -185,12 +188,18 @@ def test_group_on_8_device_mesh_equals_solo_runs_with_their_dropout():
 
 
 def test_dropout_is_what_the_solo_runs_draw():
-    """The dropout masks are each point's own: with every point's dropout rate changed to 0 the
-    group's trained adapters move away from the solo runs' (so the equality above is no accident)
-    while its first loss (B = 0: the adapters add nothing yet) is unchanged."""
-    cfgs = [point(rank=4, lr=1e-1, seed=s, dropout=r, warmup=0) for s, r in ((1, 0.3), (2, 0.3))]
+    """Adapter dropout 0.3 and model dropout 0.2 (GPT-2's attention and residual dropout, shared
+    by the group): each point's losses and adapters equal its solo run's, so both dropout streams
+    are the solo runs'. With the adapter dropout set to 0 the first loss is unchanged (B = 0: the
+    adapters add nothing yet) but the trained adapters move away from the solo runs' (so the
+    equality is no accident); model dropout moves the first loss itself by ~4e-3."""
+    cfgs = [point(rank=4, lr=1e-1, seed=s, dropout=0.3, warmup=0, model_dropout=0.2)
+            for s in (1, 2)]
+    assert batched.plan_groups(cfgs) == ([[0, 1]], {})
     solo, group, solo_trees, (t, _, _), _, _ = _solo_and_group(cfgs, steps=2)
     np.testing.assert_allclose(group, solo, rtol=0, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(t), jax.tree.leaves(solo_trees)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
     nodrop = [dataclasses.replace(c, adapter=dataclasses.replace(c.adapter, dropout=0.0))
               for c in cfgs]
     _, group0, _, (t0, _, _), _, _ = _solo_and_group(nodrop, steps=2)
@@ -198,3 +207,42 @@ def test_dropout_is_what_the_solo_runs_draw():
     diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
                for a, b in zip(jax.tree.leaves(t0), jax.tree.leaves(t)))
     assert diff > 1e-3
+
+
+@pytest.mark.parametrize("toy", ["PermutedToy", "Stack"])
+def test_vmapped_slot_routing_equals_each_adapter_alone(toy):
+    """The group's routing (the forward vmapped over the points, a scalar bank slot each) on the
+    layouts GPT-2's qv does not reach: embedding, multi-axis DenseGeneral, permuted Einsum, and an
+    ``nn.scan`` stack; values and gradients equal each adapter alone (ranks 2, 4, 3)."""
+    from tests import toys  # noqa: PLC0415
+
+    model = getattr(toys, toy)()
+    xs = (jax.random.randint(jax.random.key(3), (3, 4, 5), 0, 50) if toy == "PermutedToy"
+          else jax.random.normal(jax.random.key(3), (3, 4, 16)))
+    params = lj.transform._unbox(jax.jit(model.init)(jax.random.key(0), xs[0])["params"])
+    layouts = lj.trace_layouts(model, params, xs[0])
+    trees = []
+    for i, rank in enumerate((2, 4, 3)):
+        spec = lj.LoraSpec(rank=rank, alpha=3.0, targets=(r".*/(kernel|embedding)",))
+        init = lambda k, spec=spec: lj.split(lj.init_adapters(params, spec, k, layouts=layouts))
+        t, s = jax.jit(init)(jax.random.key(10 + i))
+        noise = lambda x, k=jax.random.key(20 + i): x + 0.3 * jax.random.normal(k, x.shape)
+        trees.append((jax.jit(lambda t: jax.tree.map(noise, t))(t), s))
+    ts, ss = tuple(t for t, _ in trees), tuple(s for _, s in trees)
+    loss = lambda y: jnp.sum(jnp.sin(y))
+
+    def group(ts):
+        bank = batched.make_bank(ts, ss, [1.0] * 3)
+        ys = jax.vmap(lambda i, x: lj.apply(model, params, bank, x, adapter_ids=i))(
+            jnp.arange(3), xs)
+        return jnp.stack([loss(y) for y in ys])
+
+    values, grads = jax.jit(lambda ts: (group(ts), jax.jacrev(group)(ts)))(ts)
+    for i, (t, s) in enumerate(trees):
+        alone = lambda t, s, x: loss(lj.apply(model, params, lj.join(t, s), x))
+        v, g = jax.jit(jax.value_and_grad(alone))(t, s, xs[i])
+        np.testing.assert_allclose(values[i], v, rtol=1e-5)
+        gi = jax.tree.map(lambda x: x[i], grads)
+        for x, y in zip(jax.tree.leaves(gi[i]), jax.tree.leaves(g)):
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+        assert all(not np.any(x) for j in range(3) if j != i for x in jax.tree.leaves(gi[j]))
