@@ -79,7 +79,7 @@ def test_group_losses_equal_solo_runs_and_resume_exactly(tmp_path, monkeypatch):
     assert len({round(o["final_train_loss"], 6) for o in out}) == 4
 
 
-def test_plan_groups_says_why_points_train_solo():
+def test_plan_groups_says_why_points_train_solo(monkeypatch):
     base = point(rank=4, lr=1e-3, seed=0)
     cfgs = [base, dataclasses.replace(base, seed=1),
             dataclasses.replace(base, method="dora"),
@@ -95,6 +95,9 @@ def test_plan_groups_says_why_points_train_solo():
     assert "PiSSA" in solo[4] and "token loss" in solo[6]
     with pytest.raises(ValueError, match="adapter.targets"):
         batched.train_group([cfgs[0], cfgs[3]], ["a", "b"])
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(ValueError, match="one process"):
+        batched.train_group(cfgs[:2], ["a", "b"])
 
 
 def test_diverged_point_stops_alone(tmp_path):
