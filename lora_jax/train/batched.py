@@ -118,8 +118,9 @@ def plan_groups(cfgs: Sequence[Experiment]) -> tuple[list[list[int]], dict[int, 
         if len(members) > 1:
             groups.append(members)
         else:
-            solo[members[0]] = ("no other point shares its base, model, data, targets and loop "
-                                "(only rank, alpha, rsLoRA, dropout, seed, init, LoRA+ and optim may differ)")
+            solo[members[0]] = ("no other point shares its base, model, data, targets, mesh and "
+                                "loop (only rank, alpha, rsLoRA, dropout, seed, init, LoRA+ and "
+                                "optim may differ)")
     return groups, dict(sorted(solo.items()))
 
 
@@ -148,7 +149,7 @@ class PointBank(Bank):
 def make_bank(trainables, states, keep: Sequence[float], shardings=None):
     """The points' adapters as one bank (slot i = point i), padded to the largest rank inside the
     traced function (the padding is no parameter and gets no gradient), each point's scale folded
-    into its B, and, with ``shardings`` (``bank_shardings``), sharded like single adapters."""
+    into its B, and, with ``shardings`` (``GroupShardings.bank``), sharded like single adapters."""
     bank = lj.stack_adapters({str(i): lj.join(t, s)
                               for i, (t, s) in enumerate(zip(trainables, states))})
     method = PointBank(keep=tuple(float(k) for k in keep))
@@ -158,14 +159,6 @@ def make_bank(trainables, states, keep: Sequence[float], shardings=None):
     leaves, tree = jax.tree.flatten(bank)  # (``shardings`` was made for other dropout rates)
     return jax.tree.unflatten(tree, [jax.lax.with_sharding_constraint(x, s) for x, s in
                                      zip(leaves, jax.tree.leaves(shardings))])
-
-
-def bank_shardings(cfg: Experiment, model, example, trainables, states, mesh):
-    """The bank's shardings under ``cfg.mesh``'s rules: the bank method's ``leaf_axes`` (a
-    single adapter's axes with an unsharded slot axis after the stacked axes)."""
-    shapes = jax.eval_shape(lambda t, s: make_bank(t, s, [1.0] * len(t)), trainables, states)
-    specs = sharding.logical_specs(shapes, sharding.param_logical_specs(model, example))
-    return sharding.shardings(specs, mesh, sharding.logical_rules(cfg.mesh), shapes)
 
 
 def _forward(model, mesh, train: bool) -> Callable:
@@ -200,10 +193,15 @@ class GroupShardings:
 
 
 def group_shardings(cfgs, model, example, setups) -> GroupShardings:
+    """Each point's shardings as its solo run's, and the bank's from the bank method's
+    ``leaf_axes``: a single adapter's axes with an unsharded slot axis after the stacked axes."""
     points = tuple(trainer.shard_setup(c, model, example, s) for c, s in zip(cfgs, setups))
-    bank = bank_shardings(cfgs[0], model, example, tuple(s.trainable for s in setups),
-                          tuple(s.frozen["state"] for s in setups), points[0].mesh)
-    return GroupShardings(points, bank)
+    shapes = jax.eval_shape(lambda t, s: make_bank(t, s, [1.0] * len(t)),
+                            tuple(s.trainable for s in setups),
+                            tuple(s.frozen["state"] for s in setups))
+    specs = sharding.logical_specs(shapes, sharding.param_logical_specs(model, example))
+    return GroupShardings(points, sharding.shardings(specs, points[0].mesh,
+                                                     sharding.logical_rules(cfgs[0].mesh), shapes))
 
 
 def make_group_step(model, cfgs: Sequence[Experiment], setups: Sequence[trainer.Setup],
