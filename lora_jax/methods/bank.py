@@ -106,8 +106,9 @@ def _check_ids(ids, batch: int, n_slots: int):
         bad = bad[(bad < lo) | (bad >= n_slots)]
         if bad.size:
             raise ValueError(f"adapter ids {sorted(set(bad.tolist()))} outside "
-                             f"[{lo}, {n_slots}): "
-                             f"the bank has {n_slots} adapters (-1 = base only)")
+                             f"[{lo}, {n_slots}): the bank has {n_slots} adapters"
+                             + (" (-1 = base only)" if lo < 0 else " (a scalar id: one slot "
+                                "for the whole batch)"))
 
 
 def delta(x, adapter: Adapter, ids):
