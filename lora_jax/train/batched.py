@@ -18,7 +18,7 @@ and the optimizer (learning rate, schedule, warm-up, weight decay, clipping) tra
   gradient; each point's own optimizer (``trainer.adapter_setup``'s: clipping, schedule, LoRA+)
   updates its own tree inside the same jitted step (K small elementwise updates, one program);
 - on ``cfg.mesh`` every point's trees are placed as its solo run's (``trainer.shard_setup``), the
-  bank is sharded like single adapters (``bank_shardings``) and each point's B rows are split over
+  bank is sharded like single adapters (``group_shardings``) and each point's B rows are split over
   the data axes, as in its solo step (the stacked batch's K axis is not sharded);
 - a point whose step is non-finite keeps its last state, is stopped alone (no summary; its
   ``diverged.json`` says why) and the others continue.
