@@ -85,7 +85,7 @@ def main(argv):
         solo["step"] += n
         return solo["loss"]
 
-    group_step = batched.make_group_step(model, setups)
+    group_step = batched.make_group_step(model, cfgs, setups)
     copy = lambda tree: jax.tree.map(jnp.copy, tree)
     grp = {"t": tuple(copy(s.trainable) for s in setups),
            "o": tuple(s.tx.init(s.trainable) for s in setups), "step": 0, "loss": None}
@@ -94,8 +94,9 @@ def main(argv):
     def together():
         for j in range(n):
             parts = [ld.batch(grp["step"] + j) for ld in loaders]
-            batch = {key: np.concatenate([b[key] for b in parts]) for key in parts[0]}
-            grp["t"], grp["o"], out = group_step(grp["t"], grp["o"], params, states, batch)
+            batch = {key: np.stack([b[key] for b in parts]) for key in parts[0]}
+            grp["t"], grp["o"], out = group_step(grp["t"], grp["o"], params, states, batch,
+                                                 np.int32(grp["step"] + j + 1))
             grp["loss"] = out["loss"]
         grp["step"] += n
         return grp["loss"]

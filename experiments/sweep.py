@@ -12,10 +12,11 @@ with the differing fields named, never skipped: use a new ``--workdir`` for the 
 ``--print_commands`` prints one ``experiments.train`` command per point (for a pod launcher or a
 job array) and runs nothing; those runs write no ``overrides.json``, and ``experiments.report``
 then reads the axes from their ``run.json``.
-``--batched`` trains the points that can share one job (same base, model, data, targets and loop;
-differing in rank, alpha, rsLoRA, seed, LoRA init, LoRA+ or optimizer) as batched groups in this
-process (lora_jax/train/batched.py), each point still in its own workdir with its own results; the
-others run solo as usual, and the sweep prints why each one cannot be batched.
+``--batched`` trains the points that can share one job (same base, model, data, targets, mesh and
+loop; differing in rank, alpha, rsLoRA, adapter dropout, seed, LoRA init, LoRA+ or optimizer) as
+batched groups in this process, on the config's mesh (lora_jax/train/batched.py), each point still
+in its own workdir with its own results; the others run solo as usual, and the sweep prints why
+each one cannot be batched.
 Summarise with ``python -m experiments.report <workdir>``.
 """
 

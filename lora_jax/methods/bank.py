@@ -17,10 +17,11 @@ padding of the rank is exact. Dense (Dense, DenseGeneral, Einsum) and embedding 
 supported; conv kernels are not (use one adapter at a time there). A bank has no merge of its own:
 ``lj.merge(params, bank, task=i)`` merges slot i (``merge_task``).
 
-``adapter_ids=Blocks(n)`` says the batch is n equal contiguous blocks, block i on slot i (a batched
-sweep's concatenated batches, lora_jax/train/batched.py): the same sum, computed as one batched
-einsum over the n blocks (``jax.vmap`` of the layout's own einsums) with no per-example gather of
-the factors, so its gradient has no scatter-add either.
+A scalar ``adapter_ids`` routes the whole batch to one slot: ``x A_i B_i`` as one matmul, no
+per-example gather. A batched sweep (lora_jax/train/batched.py) ``jax.vmap``s the forward pass
+over its points with the slot mapped, so each point's rows meet only its own factors.
+``adapter_ids=Blocks(n)`` says the batch is n equal contiguous blocks, block i on slot i: the
+same, vmapped over the blocks.
 """
 
 from __future__ import annotations
@@ -62,21 +63,27 @@ class Blocks:
     n: int
 
 
+def _slot_delta(x, a, b, layout: layers.Layout):
+    """``x A B`` with one slot's factors (a: (*in, R), b: (R, *out)) for every row of x."""
+    h = a[x] if layout.kind == "embed" else jnp.einsum(layout.xa, x, a.astype(x.dtype))
+    return jnp.einsum(layout.hb, h, b.astype(h.dtype))
+
+
+def _check_kind(layout: layers.Layout):
+    if layout.kind not in ("dense", "embed"):
+        raise ValueError(f"a bank supports dense and embedding layers, not {layout.kind!r} "
+                         "kernels; apply conv adapters one at a time")
+
+
 def _blocked_delta(x, adapter: Adapter, n: int):
     """``x_b A_i B_i`` for block i of x's batch axis, vmapped over the blocks (no gather)."""
     a, b, layout = adapter.params["a"], adapter.params["b"], adapter.layout
     if a.shape[0] != n or x.shape[0] % n:
         raise ValueError(f"adapter_ids=Blocks({n}) needs a bank of {n} slots (got {a.shape[0]}) "
                          f"and a batch divisible by {n} (got {x.shape[0]})")
-    if layout.kind not in ("dense", "embed"):
-        raise ValueError(f"a bank supports dense and embedding layers, not {layout.kind!r} "
-                         "kernels; apply conv adapters one at a time")
-
-    def one(xi, ai, bi):
-        h = ai[xi] if layout.kind == "embed" else jnp.einsum(layout.xa, xi, ai.astype(xi.dtype))
-        return jnp.einsum(layout.hb, h, bi.astype(h.dtype))
-
-    y = jax.vmap(one)(x.reshape((n, -1) + x.shape[1:]), a, b)
+    _check_kind(layout)
+    y = jax.vmap(lambda xi, ai, bi: _slot_delta(xi, ai, bi, layout))(
+        x.reshape((n, -1) + x.shape[1:]), a, b)
     return y.reshape((x.shape[0],) + y.shape[2:])
 
 
@@ -84,36 +91,44 @@ def _check_ids(ids, batch: int, n_slots: int):
     if ids is None:
         raise ValueError("a bank of adapters needs adapter_ids: lj.apply(..., adapter_ids=ids) "
                          "with ids (batch,) in [-1, n_adapters)")
-    if jnp.ndim(ids) != 1 or jnp.shape(ids)[0] != batch:
-        raise ValueError(f"adapter_ids must have shape (batch,) = ({batch},), got "
-                         f"{jnp.shape(ids)}; the bank routes on the first axis of each layer input")
+    if jnp.ndim(ids) == 0:
+        lo = 0  # one slot for the whole batch: no -1
+    elif jnp.ndim(ids) != 1 or jnp.shape(ids)[0] != batch:
+        raise ValueError(f"adapter_ids must have shape (batch,) = ({batch},) or be a scalar, "
+                         f"got {jnp.shape(ids)}; the bank routes on the first axis of each layer "
+                         "input")
+    else:
+        lo = -1
     if not jnp.issubdtype(jnp.result_type(ids), jnp.integer):
         raise ValueError(f"adapter_ids must be integers, got {jnp.result_type(ids)}")
     if not isinstance(ids, jax.core.Tracer):
         bad = np.asarray(ids)
-        bad = bad[(bad < -1) | (bad >= n_slots)]
+        bad = bad[(bad < lo) | (bad >= n_slots)]
         if bad.size:
-            raise ValueError(f"adapter ids {sorted(set(bad.tolist()))} outside [-1, {n_slots}): "
-                             f"the bank has {n_slots} adapters (-1 = base only)")
+            raise ValueError(f"adapter ids {sorted(set(bad.tolist()))} outside "
+                             f"[{lo}, {n_slots}): the bank has {n_slots} adapters"
+                             + (" (-1 = base only)" if lo < 0 else " (a scalar id: one slot "
+                                "for the whole batch)"))
 
 
 def delta(x, adapter: Adapter, ids):
     """``x_b A_{ids_b} B_{ids_b}`` for one layer (stacked axes already sliced off), zero where
-    ``ids_b == -1``; x has the batch axis first. ``ids`` may be ``Blocks(n)``."""
+    ``ids_b == -1``; x has the batch axis first. ``ids`` may be a scalar (every row on that slot)
+    or ``Blocks(n)``."""
     if isinstance(ids, Blocks):
         return _blocked_delta(x, adapter, ids.n)
     a, b, layout = adapter.params["a"], adapter.params["b"], adapter.layout
     n_slots = a.shape[0]
     _check_ids(ids, x.shape[0], n_slots)
+    _check_kind(layout)
     ids = jnp.asarray(ids)
+    if ids.ndim == 0:
+        return _slot_delta(x, a[ids], b[ids], layout)
     slot = jnp.clip(ids, 0, n_slots - 1)
     if layout.kind == "embed":
         h = a[slot.reshape((-1,) + (1,) * (x.ndim - 1)), x]
-    elif layout.kind == "dense":
-        h = jnp.einsum(per_example(layout.xa), x, jnp.take(a, slot, axis=0).astype(x.dtype))
     else:
-        raise ValueError(f"a bank supports dense and embedding layers, not {layout.kind!r} "
-                         "kernels; apply conv adapters one at a time")
+        h = jnp.einsum(per_example(layout.xa), x, jnp.take(a, slot, axis=0).astype(x.dtype))
     keep = (ids >= 0).reshape((-1,) + (1,) * (h.ndim - 1))
     h = jnp.where(keep, h, 0)
     return jnp.einsum(per_example(layout.hb), h, jnp.take(b, slot, axis=0).astype(h.dtype))

@@ -1,28 +1,34 @@
 """Batched sweeps: several LoRA experiments on one frozen base, trained as one jitted step.
 
-Points that share the base, the model, the data and the loop (``group_key``) and differ only in
-adapter rank, alpha, rsLoRA, seed, LoRA init ('default'/'gaussian'), LoRA+ ratio and the optimizer
-(learning rate, schedule, warm-up, weight decay, clipping) train together (``train_group``):
+Points that share the base, the model, the data, the mesh and the loop (``group_key``) and differ
+only in adapter rank, alpha, rsLoRA, dropout, seed, LoRA init ('default'/'gaussian'), LoRA+ ratio
+and the optimizer (learning rate, schedule, warm-up, weight decay, clipping) train together
+(``train_group``):
 
 - each point keeps its own ``ArrayLoader`` (its own seed), exactly as its solo run draws batches;
-  the K batches are concatenated (K·B rows) and block i is routed to point i's adapters by
-  ``lj.apply(..., adapter_ids=Blocks(K))`` over a bank (``lj.stack_adapters``, methods/bank.py);
+  the K batches are stacked (K, B, seq) and the step's forward pass is the solo one ``jax.vmap``-ed
+  over the points: the frozen base is shared (not mapped), point i's rows are routed to slot i of
+  a bank (``lj.stack_adapters``, methods/bank.py) and its dropout key is its solo run's, so its
+  adapter-dropout masks (``PointBank``: each slot its own rate) and model-dropout masks (a rate
+  the group shares) are the solo run's too;
 - the bank is built INSIDE the loss from the points' own unpadded trainable trees, so a smaller
   rank is zero-padded on the fly: the padding is no parameter, gets no gradient and no optimizer
   state, and each point's tree, optimizer and state have exactly its solo run's structure;
 - the loss is the sum of the points' own mean token losses, so each point's gradient is its solo
   gradient; each point's own optimizer (``trainer.adapter_setup``'s: clipping, schedule, LoRA+)
   updates its own tree inside the same jitted step (K small elementwise updates, one program);
+- on ``cfg.mesh`` every point's trees are placed as its solo run's (``trainer.shard_setup``), the
+  bank is sharded like single adapters (``group_shardings``) and each point's B rows are split over
+  the data axes, as in its solo step (the stacked batch's K axis is not sharded);
 - a point whose step is non-finite keeps its last state, is stopped alone (no summary; its
   ``diverged.json`` says why) and the others continue.
 
 Each point's workdir gets what its solo run writes (``run.json``, ``base_eval.json``,
-``metrics.jsonl``, ``tb/``, ``adapter/``, ``summary.json``), evaluated with the solo eval step.
+``metrics.jsonl``, ``tb/``, ``adapter/``, ``summary.json``), evaluated as the solo eval does.
 Checkpoints are each point's own, in its solo run's format: a group interrupted by SIGTERM
 resumes exactly (all points from the same step), and a point's checkpoint also resumes solo.
-Not here: meshes
-(the group runs on one device), adapter or model dropout, PiSSA, other methods (``group_key``
-says why such a point runs solo).
+Not here: multi-process runs (a group runs in one process, on all its local devices), PiSSA,
+modules_to_save, other methods (``solo_reason`` says why such a point runs solo).
 """
 
 from __future__ import annotations
@@ -31,25 +37,28 @@ import contextlib
 import dataclasses
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import lora_jax as lj
 from lora_jax import data as D
+from lora_jax import sharding
+from lora_jax.methods import Ctx, is_adapter
+from lora_jax.methods.bank import Bank
 from lora_jax.train import checkpoint, trainer
 from lora_jax.train import workdir as wd
 from lora_jax.train.config import Experiment, to_dict
 from lora_jax.train.metrics import MetricsWriter, Progress
-from lora_jax.methods.bank import Blocks
-from lora_jax.train.steps import token_loss
+from lora_jax.train.steps import token_loss, token_scores
 
 # What may differ between the points of one group (the rest of the config must be equal).
-PER_POINT = ("seed", "adapter.rank", "adapter.alpha", "adapter.rslora", "optim.*",
-             "method_args.init_weights", "method_args.lora_plus_ratio")
+PER_POINT = ("seed", "adapter.rank", "adapter.alpha", "adapter.rslora", "adapter.dropout",
+             "optim.*", "method_args.init_weights", "method_args.lora_plus_ratio")
 BATCHABLE_INITS = ("default", "gaussian")
 LM_KINDS = ("tasks", "jsonl", "text")  # data kinds whose objective is the token loss
 
@@ -78,10 +87,6 @@ def solo_reason(cfg: Experiment) -> str | None:
     extra = sorted(set(cfg.method_args) - {"init_weights", "lora_plus_ratio"})
     if extra:
         return f"method_args {extra} are not batched"
-    if cfg.adapter.dropout:
-        return f"adapter.dropout={cfg.adapter.dropout}: per-point adapter dropout is not batched"
-    if "dropout" in cfg.model.overrides:
-        return "model dropout: each point's dropout stream cannot be reproduced in a shared batch"
     if cfg.adapter.modules_to_save:
         return "modules_to_save changes the base per point"
     if cfg.train.skip_nonfinite:
@@ -113,98 +118,183 @@ def plan_groups(cfgs: Sequence[Experiment]) -> tuple[list[list[int]], dict[int, 
         if len(members) > 1:
             groups.append(members)
         else:
-            solo[members[0]] = ("no other point shares its base, model, data, targets and loop "
-                                "(only rank, alpha, rsLoRA, seed, init, LoRA+ and optim may differ)")
+            solo[members[0]] = ("no other point shares its base, model, data, targets, mesh and "
+                                "loop (only rank, alpha, rsLoRA, dropout, seed, init, LoRA+ and "
+                                "optim may differ)")
     return groups, dict(sorted(solo.items()))
 
 
 # ----------------------------------------------------------------------------- the step
 
 
-def _bank(trainables, states):
+@dataclasses.dataclass(frozen=True)
+class PointBank(Bank):
+    """The bank of a batched group, with each point's own adapter dropout: slot i drops its
+    input with keep probability ``keep[i]`` (1 - its ``adapter.dropout``), using the key and mask
+    shape its solo run draws (``module.make_rng('dropout')`` of its own rng, inside the vmapped
+    forward), so the masks are the solo run's."""
+
+    name: ClassVar[str] = "point_bank"
+    keep: tuple[float, ...] = ()
+
+    def output(self, y, x, adapter, kernel, bias, module, ctx: Ctx):
+        # as ctx.dropout_active and transform._dropout for one LoRA, the rate per slot
+        if ctx.train and adapter.layout.kind != "embed" and min(self.keep, default=1.0) < 1.0:
+            keep = jnp.asarray(self.keep, jnp.float32)[ctx.adapter_ids]
+            mask = jax.random.bernoulli(module.make_rng("dropout"), keep, x.shape)
+            x = jnp.where(mask, x / keep.astype(x.dtype), 0).astype(x.dtype)
+        return super().output(y, x, adapter, kernel, bias, module, ctx)
+
+
+def make_bank(trainables, states, keep: Sequence[float], shardings=None):
     """The points' adapters as one bank (slot i = point i), padded to the largest rank inside the
-    traced function: the padding is no parameter and gets no gradient."""
-    return lj.stack_adapters({str(i): lj.join(t, s)
+    traced function (the padding is no parameter and gets no gradient), each point's scale folded
+    into its B, and, with ``shardings`` (``GroupShardings.bank``), sharded like single adapters."""
+    bank = lj.stack_adapters({str(i): lj.join(t, s)
                               for i, (t, s) in enumerate(zip(trainables, states))})
+    method = PointBank(keep=tuple(float(k) for k in keep))
+    bank = jax.tree.map(lambda a: dataclasses.replace(a, method=method), bank, is_leaf=is_adapter)
+    if shardings is None:
+        return bank
+    leaves, tree = jax.tree.flatten(bank)  # (``shardings`` was made for other dropout rates)
+    return jax.tree.unflatten(tree, [jax.lax.with_sharding_constraint(x, s) for x, s in
+                                     zip(leaves, jax.tree.leaves(shardings))])
 
 
-def make_group_step(model, setups: Sequence[trainer.Setup]) -> Callable:
-    """``step(trainables, opt_states, params, states, batch) -> (trainables, opt_states, out)``
-    for K points.
+def _forward(model, mesh, train: bool) -> Callable:
+    """``(bank, params, inputs, slot, task_ids, rng) -> logits`` of one point: its solo
+    forward pass, every row routed to bank slot ``slot``; batch-sharded on a mesh as the solo
+    step is (``sharding.batch_sharded``)."""
+
+    def one(bank, params, inputs, slot, task_ids, rng):
+        return lj.apply(model, params, bank, inputs, train=train, adapter_ids=slot,
+                        task_ids=task_ids, rngs=None if rng is None else {"dropout": rng},
+                        deterministic=not train)
+
+    return one if mesh is None else sharding.batch_sharded(one, mesh)
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupShardings:
+    """A group's shardings on ``cfg.mesh``: each point's own (``trainer.shard_setup``: its
+    trainable tree and optimizer state placed as its solo run's), the bank's, and the batches'
+    (train batches (K, B, ...) with B over the data axes; eval batches (E, ...) as solo)."""
+
+    points: tuple[sharding.TrainShardings, ...]
+    bank: Any
+
+    @property
+    def mesh(self):
+        return self.points[0].mesh
+
+    @property
+    def batch(self):
+        return NamedSharding(self.mesh, P(None, sharding.DATA_AXES))
+
+
+def group_shardings(cfgs, model, example, setups) -> GroupShardings:
+    """Each point's shardings as its solo run's, and the bank's from the bank method's
+    ``leaf_axes``: a single adapter's axes with an unsharded slot axis after the stacked axes."""
+    points = tuple(trainer.shard_setup(c, model, example, s) for c, s in zip(cfgs, setups))
+    shapes = jax.eval_shape(lambda t, s: make_bank(t, s, [1.0] * len(t)),
+                            tuple(s.trainable for s in setups),
+                            tuple(s.frozen["state"] for s in setups))
+    specs = sharding.logical_specs(shapes, sharding.param_logical_specs(model, example))
+    return GroupShardings(points, sharding.shardings(specs, points[0].mesh,
+                                                     sharding.logical_rules(cfgs[0].mesh), shapes))
+
+
+def make_group_step(model, cfgs: Sequence[Experiment], setups: Sequence[trainer.Setup],
+                    sh: GroupShardings | None = None) -> Callable:
+    """``step(trainables, opt_states, params, states, batch, step) -> (trainables, opt_states,
+    out)`` for K points.
 
     ``trainables``/``opt_states``/``states``: K-tuples of the points' own trees; ``batch``: the
-    points' batches concatenated, (K·B, seq), block i routed to point i (``Blocks(K)``). ``out``:
-    ``{'loss', 'grad_norm', 'finite'}``, each (K,). A non-finite point keeps its state.
+    points' batches stacked, (K, B, seq); ``step``: the 1-based step (int32), from which each
+    point's dropout key is its solo run's, ``fold_in(key(seed + 2), step)``. The forward pass is
+    the solo one ``jax.vmap``-ed over the points (the frozen base shared, not mapped), point i's
+    rows routed to bank slot i. ``out``: ``{'loss', 'grad_norm', 'finite'}``, each (K,). A
+    non-finite point keeps its state.
     """
     k = len(setups)
+    keep = [1.0 - c.adapter.dropout for c in cfgs]
+    seeds = [c.seed for c in cfgs]
+    forward = jax.vmap(_forward(model, sh and sh.mesh, True), in_axes=(None, None, 0, 0, 0, 0))
 
-    def losses_fn(trainables, params, states, batch):
-        bank = _bank(trainables, states)
-        logits = lj.apply(model, params, bank, batch["inputs"], train=True, adapter_ids=Blocks(k),
-                          task_ids=batch["task_ids"], deterministic=False)
-        rows = lambda x: x.reshape((k, -1) + x.shape[1:])
-        logits, targets, mask = rows(logits), rows(batch["targets"]), rows(batch["loss_mask"])
-        losses = jnp.stack([token_loss(logits[i], {"targets": targets[i],
-                                                   "loss_mask": mask[i]})[0] for i in range(k)])
+    def losses_fn(trainables, params, states, batch, keys):
+        bank = make_bank(trainables, states, keep, sh and sh.bank)
+        logits = forward(bank, params, batch["inputs"], jnp.arange(k), batch["task_ids"], keys)
+        losses = jax.vmap(lambda lg, t, m: token_loss(lg, {"targets": t, "loss_mask": m})[0])(
+            logits, batch["targets"], batch["loss_mask"])
         return jnp.sum(losses), losses
 
-    def step(trainables, opt_states, params, states, batch):
+    def step(trainables, opt_states, params, states, batch, step_no):
+        keys = jnp.stack([jax.random.fold_in(jax.random.key(s + 2), step_no) for s in seeds])
         grad_fn = jax.value_and_grad(losses_fn, has_aux=True)
-        (_, losses), grads = grad_fn(trainables, params, states, batch)
+        (_, losses), grads = grad_fn(trainables, params, states, batch, keys)
         new_t, new_o, norms, finite = [], [], [], []
         for i, s in enumerate(setups):  # each point's own optimizer: schedule, clip, LoRA+
             updates, opt = s.tx.update(grads[i], opt_states[i], trainables[i])
             norm = optax.global_norm(grads[i])
             ok = (jnp.isfinite(losses[i]) & jnp.isfinite(norm)
                   & jnp.isfinite(optax.global_norm(updates)))
-            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-            new_t.append(keep(optax.apply_updates(trainables[i], updates), trainables[i]))
-            new_o.append(keep(opt, opt_states[i]))
+            keep_ok = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+            new_t.append(keep_ok(optax.apply_updates(trainables[i], updates), trainables[i]))
+            new_o.append(keep_ok(opt, opt_states[i]))
             norms.append(norm)
             finite.append(ok)
         out = {"loss": losses, "grad_norm": jnp.stack(norms), "finite": jnp.stack(finite)}
         return tuple(new_t), tuple(new_o), out
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    if sh is None:
+        return jax.jit(step, donate_argnums=(0, 1))
+    t = tuple(p.trainable for p in sh.points)
+    o = tuple(p.opt_state for p in sh.points)
+    rep = sh.points[0].replicated
+    return jax.jit(step, donate_argnums=(0, 1),
+                   in_shardings=(t, o, sh.points[0].frozen["params"],
+                                 tuple(p.frozen["state"] for p in sh.points), sh.batch, rep),
+                   out_shardings=(t, o, rep))
 
 
-def make_group_eval(model, k: int) -> Callable:
-    """``eval(trainables, params, states, batch) -> (loss_sums (K,), counts (K,), argmax
-    (K·B, seq))`` over the points' eval batches concatenated (block i: point i)."""
+def make_group_eval(model, k: int, sh: GroupShardings | None = None) -> Callable:
+    """``eval(trainables, params, states, batch) -> token_scores`` of every point, each (K, E),
+    on one eval batch (E, seq) that all points read (``steps.token_scores``: loss sums, scored
+    tokens, exact match per example)."""
+    forward = jax.vmap(_forward(model, sh and sh.mesh, False),
+                       in_axes=(None, None, None, 0, None, None))
 
     def ev(trainables, params, states, batch):
-        logits = lj.apply(model, params, _bank(trainables, states), batch["inputs"],
-                          adapter_ids=Blocks(k), task_ids=batch["task_ids"], deterministic=True)
-        rows = lambda x: x.reshape((k, -1) + x.shape[1:])
-        lg, tg, mk = rows(logits), rows(batch["targets"]), rows(batch["loss_mask"])
-        out = [token_loss(lg[i], {"targets": tg[i], "loss_mask": mk[i]}) for i in range(k)]
-        return (jnp.stack([l * n for l, n in out]), jnp.stack([n for _, n in out]),
-                jnp.argmax(logits, -1))
+        bank = make_bank(trainables, states, [1.0] * k, sh and sh.bank)
+        logits = forward(bank, params, batch["inputs"], jnp.arange(k), batch["task_ids"], None)
+        return jax.vmap(token_scores, in_axes=(0, None))(logits, batch)
 
-    return jax.jit(ev)
+    if sh is None:
+        return jax.jit(ev)
+    p0 = sh.points[0]
+    ev_jit = jax.jit(ev, in_shardings=(tuple(p.trainable for p in sh.points),
+                                       p0.frozen["params"],
+                                       tuple(p.frozen["state"] for p in sh.points), p0.batch),
+                     out_shardings=p0.replicated)
+    return lambda t, p, s, batch: ev_jit(t, p, s, sharding.replicate_batch(batch, sh.mesh))
 
 
 def evaluate_group(ev, trainables, params, states, arrays, batch_size: int, tasks) -> list[dict]:
-    """Each point's eval loss and accuracy on ``arrays``, as ``steps.evaluate`` gives its solo
-    run (same batches, the last one padded by wrapping around and masked)."""
-    k, n = len(trainables), len(arrays["inputs"])
-    sums, counts, preds = np.zeros(k), np.zeros(k), []
+    """Each point's eval loss and accuracy on ``arrays``, computed as ``steps.evaluate`` does for
+    its solo run (same batches, the last one padded by wrapping around and cut)."""
+    k, n = len(trainables), len(arrays["task_ids"])
+    loss_sum, count, correct = [0.0] * k, [0.0] * k, [[] for _ in range(k)]
     for start in range(0, n, batch_size):
         idx = np.arange(start, start + batch_size) % n
-        batch = {key: v[idx] for key, v in arrays.items()}
         keep = min(batch_size, n - start)
-        batch["loss_mask"][keep:] = 0.0
-        tiled = {key: np.concatenate([v] * k) for key, v in batch.items()}
-        s, c, p = ev(trainables, params, states, tiled)
-        sums, counts = sums + np.asarray(s, np.float64), counts + np.asarray(c, np.float64)
-        preds.append(np.asarray(p).reshape((k, batch_size, -1))[:, :keep])
-    preds = np.concatenate(preds, axis=1)
-    out = []
-    for i in range(k):
-        correct = D.exact_match(preds[i], arrays["targets"], arrays["loss_mask"])
-        out.append({"loss": float(sums[i] / max(counts[i], 1.0)),
-                    "accuracy": D.per_task_accuracy(correct, arrays["task_ids"], list(tasks))})
-    return out
+        s, c, ok = (np.asarray(x)[:, :keep] for x in
+                    ev(trainables, params, states, {key: v[idx] for key, v in arrays.items()}))
+        for i in range(k):
+            loss_sum[i], count[i] = loss_sum[i] + float(s[i].sum()), count[i] + float(c[i].sum())
+            correct[i].append(ok[i])
+    return [{"loss": loss_sum[i] / max(count[i], 1.0),
+             "accuracy": D.per_task_accuracy(np.concatenate(correct[i]), arrays["task_ids"],
+                                             list(tasks))} for i in range(k)]
 
 
 # ----------------------------------------------------------------------------- the job
@@ -262,12 +352,15 @@ def train_group(cfgs: Sequence[Experiment], workdirs: Sequence[str | Path],
 
     Every point's workdir is written as its solo ``train_and_evaluate`` would write it, checkpoints
     included; after SIGTERM each point's entry is ``{'interrupted': True, 'step': N}`` and a rerun
-    resumes the group.
+    resumes the group. The group runs on ``cfg.mesh`` (shared by its points) in one process.
     """
     trainer.PREEMPTION.install()
     _check_group(cfgs)
     for cfg in cfgs:
         trainer.validate(cfg)
+    if jax.process_count() > 1:
+        raise ValueError(f"a batched group runs in one process (any number of local devices), "
+                         f"not {jax.process_count()}; train multi-process points solo")
     with contextlib.ExitStack() as locks:
         for w in workdirs:  # the solo run's lock: a second job on a point fails (WorkdirBusy)
             locks.enter_context(wd.WorkdirLock(Path(w)))
@@ -288,11 +381,14 @@ def _run_group(cfgs, workdirs, log) -> list[dict]:
     params = trainer.base_params(cfg0, model, hf_params, example)
     params = trainer.quantize_base(cfg0, model, params, example)
     pts = [_point(cfgs[i], workdirs[i], model, params, example, train_arrays) for i in todo]
-    ev = make_group_eval(model, len(pts))
+    sh = group_shardings([p.cfg for p in pts], model, example, [p.setup for p in pts])
+    params = sharding.put(params, sh.points[0].frozen["params"], may_alias=True)
+    ev = make_group_eval(model, len(pts), sh)
     run_evals = lambda t, s: evaluate_group(ev, t, params, s, eval_arrays,
                                             cfg0.train.eval_batch_size, tasks)
+    step_fn = make_group_step(model, [p.cfg for p in pts], [p.setup for p in pts], sh)
     try:
-        out = _loop(pts, params, make_group_step(model, [p.setup for p in pts]), run_evals, log)
+        out = _loop(pts, sh, params, step_fn, run_evals, log)
     finally:
         for p in pts:
             p.metrics.close()
@@ -302,12 +398,15 @@ def _run_group(cfgs, workdirs, log) -> list[dict]:
     return summaries
 
 
-def _loop(pts: list[_Point], params, step_fn, run_evals, log) -> list[dict]:
+def _loop(pts: list[_Point], sh: GroupShardings, params, step_fn, run_evals, log) -> list[dict]:
     """Base eval, the shared loop (one step for every point), each point's final eval/export."""
     k, steps, bs = len(pts), pts[0].cfg.train.steps, pts[0].cfg.train.batch_size
-    trainables = tuple(p.setup.trainable for p in pts)
-    states = tuple(p.setup.frozen["state"] for p in pts)
-    opt_states = tuple(p.setup.tx.init(t) for p, t in zip(pts, trainables))
+    trainables = tuple(sharding.put(p.setup.trainable, s.trainable)
+                       for p, s in zip(pts, sh.points))
+    states = tuple(sharding.put(p.setup.frozen["state"], s.frozen["state"])
+                   for p, s in zip(pts, sh.points))
+    opt_states = tuple(jax.jit(p.setup.tx.init, out_shardings=s.opt_state)(t)
+                       for p, s, t in zip(pts, sh.points, trainables))
     start, trainables, opt_states = _restore(pts, trainables, opt_states)
     if start == 0:
         for p, ev in zip(pts, run_evals(trainables, states)):
@@ -335,7 +434,7 @@ def _loop(pts: list[_Point], params, step_fn, run_evals, log) -> list[dict]:
                 p.saved = step
 
     log(f"batched group of {k} points: ranks {[p.cfg.adapter.rank for p in pts]}, "
-        f"{k * bs} rows per step")
+        f"{k} x {bs} rows per step on mesh {dict(sh.mesh.shape)}")
     step = start
     for step in range(start + 1, steps + 1):
         if trainer.PREEMPTION.should_stop(step):
@@ -345,8 +444,10 @@ def _loop(pts: list[_Point], params, step_fn, run_evals, log) -> list[dict]:
             return [{"interrupted": True, "step": step - 1} for _ in pts]
         t0 = time.perf_counter()
         parts = [p.loader.batch(step - 1) for p in pts]
-        batch = {key: np.concatenate([b[key] for b in parts]) for key in parts[0]}
-        trainables, opt_states, out = step_fn(trainables, opt_states, params, states, batch)
+        batch = jax.device_put({key: np.stack([b[key] for b in parts]) for key in parts[0]},
+                               sh.batch)
+        trainables, opt_states, out = step_fn(trainables, opt_states, params, states, batch,
+                                              np.int32(step))
         finite = np.asarray(out["finite"])
         train_time += time.perf_counter() - t0
         for i, p in enumerate(pts):
@@ -402,7 +503,7 @@ def _finish(p: _Point, trainable, state, final: dict, step: int, train_time: flo
         return {"diverged": True, "reason": p.stopped}
     cfg, frozen = p.cfg, _frozen(p, state)
     p.metrics.write(step, "eval", **final)
-    p.setup.export(trainable, frozen, p.workdir)
+    p.setup.export(*sharding.gather_for_export(trainable, frozen), p.workdir)
     summary = trainer.summary_record(cfg, trainable, frozen, step, train_time, p.loss, final,
                                      p.base_eval, skipped=0)
     summary["batched"] = True  # train_seconds is the whole group's
