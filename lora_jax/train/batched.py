@@ -54,7 +54,7 @@ from lora_jax.train import checkpoint, trainer
 from lora_jax.train import workdir as wd
 from lora_jax.train.config import Experiment, to_dict
 from lora_jax.train.metrics import MetricsWriter, Progress
-from lora_jax.train.steps import token_loss, token_scores
+from lora_jax.train.steps import objective_for, token_loss, token_scores
 
 # What may differ between the points of one group (the rest of the config must be equal).
 PER_POINT = ("seed", "adapter.rank", "adapter.alpha", "adapter.rslora", "adapter.dropout",
@@ -162,12 +162,13 @@ def make_bank(trainables, states, keep: Sequence[float], shardings=None):
 
 
 def _forward(model, mesh, train: bool) -> Callable:
-    """``(bank, params, inputs, slot, task_ids, rng) -> logits`` of one point: its solo
+    """``(bank, params, inputs, slot, task_ids, rng) -> logits`` of one point (``inputs``: the
+    model's positional inputs, a tuple): its solo
     forward pass, every row routed to bank slot ``slot``; batch-sharded on a mesh as the solo
     step is (``sharding.batch_sharded``)."""
 
     def one(bank, params, inputs, slot, task_ids, rng):
-        return lj.apply(model, params, bank, inputs, train=train, adapter_ids=slot,
+        return lj.apply(model, params, bank, *inputs, train=train, adapter_ids=slot,
                         task_ids=task_ids, rngs=None if rng is None else {"dropout": rng},
                         deterministic=not train)
 
@@ -217,13 +218,14 @@ def make_group_step(model, cfgs: Sequence[Experiment], setups: Sequence[trainer.
     non-finite point keeps its state.
     """
     k = len(setups)
+    inputs = objective_for(cfgs[0].data.kind).model_inputs  # e.g. packed rows' segment_ids
     keep = [1.0 - c.adapter.dropout for c in cfgs]
     seeds = [c.seed for c in cfgs]
     forward = jax.vmap(_forward(model, sh and sh.mesh, True), in_axes=(None, None, 0, 0, 0, 0))
 
     def losses_fn(trainables, params, states, batch, keys):
         bank = make_bank(trainables, states, keep, sh and sh.bank)
-        logits = forward(bank, params, batch["inputs"], jnp.arange(k), batch["task_ids"], keys)
+        logits = forward(bank, params, inputs(batch), jnp.arange(k), batch["task_ids"], keys)
         losses = jax.vmap(lambda lg, t, m: token_loss(lg, {"targets": t, "loss_mask": m})[0])(
             logits, batch["targets"], batch["loss_mask"])
         return jnp.sum(losses), losses
@@ -257,16 +259,17 @@ def make_group_step(model, cfgs: Sequence[Experiment], setups: Sequence[trainer.
                    out_shardings=(t, o, rep))
 
 
-def make_group_eval(model, k: int, sh: GroupShardings | None = None) -> Callable:
+def make_group_eval(model, k: int, kind: str, sh: GroupShardings | None = None) -> Callable:
     """``eval(trainables, params, states, batch) -> token_scores`` of every point, each (K, E),
     on one eval batch (E, seq) that all points read (``steps.token_scores``: loss sums, scored
     tokens, exact match per example)."""
     forward = jax.vmap(_forward(model, sh and sh.mesh, False),
                        in_axes=(None, None, None, 0, None, None))
+    inputs = objective_for(kind).model_inputs
 
     def ev(trainables, params, states, batch):
         bank = make_bank(trainables, states, [1.0] * k, sh and sh.bank)
-        logits = forward(bank, params, batch["inputs"], jnp.arange(k), batch["task_ids"], None)
+        logits = forward(bank, params, inputs(batch), jnp.arange(k), batch["task_ids"], None)
         return jax.vmap(token_scores, in_axes=(0, None))(logits, batch)
 
     if sh is None:
@@ -383,7 +386,7 @@ def _run_group(cfgs, workdirs, log) -> list[dict]:
     pts = [_point(cfgs[i], workdirs[i], model, params, example, train_arrays) for i in todo]
     sh = group_shardings([p.cfg for p in pts], model, example, [p.setup for p in pts])
     params = sharding.put(params, sh.points[0].frozen["params"], may_alias=True)
-    ev = make_group_eval(model, len(pts), sh)
+    ev = make_group_eval(model, len(pts), cfg0.data.kind, sh)
     run_evals = lambda t, s: evaluate_group(ev, t, params, s, eval_arrays,
                                             cfg0.train.eval_batch_size, tasks)
     step_fn = make_group_step(model, [p.cfg for p in pts], [p.setup for p in pts], sh)
