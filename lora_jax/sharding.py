@@ -20,6 +20,7 @@ import warnings
 from typing import Any, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
@@ -449,7 +450,9 @@ def put(tree, shardings_tree, *, may_alias: bool = False):
     double).
     """
     if jax.process_count() == 1:
-        return jax.device_put(tree, shardings_tree, may_alias=may_alias)
+        if not may_alias:  # device_put(may_alias=False) still reuses x's buffer as the replica on
+            tree = jax.tree.map(lambda x: jnp.array(x, copy=True), tree)  # x's device (jax 0.10)
+        return jax.device_put(tree, shardings_tree, may_alias=True)
 
     def one(x, s):
         host = np.asarray(x)

@@ -329,6 +329,10 @@ def test_put_never_aliases_the_callers_arrays():
     assert y.is_deleted() and not x.is_deleted()
     np.testing.assert_array_equal(x, np.arange(8.0))
     assert sharding.put({"x": x}, {"x": s}, may_alias=True)["x"] is x  # opt-in: no copy
+    for spec in (P(), P("data")):  # a fresh array on one device, replicated or split
+        x = jnp.arange(8.0)
+        step(sharding.put({"x": x}, {"x": NamedSharding(mesh, spec)})["x"])
+        assert not x.is_deleted(), spec
 
 
 class _PlainNet(nn.Module):
