@@ -3,6 +3,8 @@ compilation made cheap, since the suite's time is mostly XLA compiling small pro
 
 - ``JAX_DISABLE_MOST_OPTIMIZATIONS``: XLA skips its expensive optimisation passes (a third less
   CPU time here); the programs compute the same functions, and every tolerance still holds.
+- ``--xla_cpu_use_fusion_emitters=false``: XLA's CPU backend emits its fused loops the older
+  way, which compiles a fifth faster here (the tiny LoRA experiment: 9.5 -> 7.5 s of CPU).
 - A persistent compilation cache in a fresh folder per test session, shared by the xdist workers
   and the subprocesses the tests launch (they inherit the environment): the many tests that
   build the same tiny model compile each program once. Nothing carries over between sessions.
@@ -11,8 +13,11 @@ compilation made cheap, since the suite's time is mostly XLA compiling small pro
 import os
 import tempfile
 
+from tests.procs import COMPILE_FLAGS
+
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "")
+    + f" --xla_force_host_platform_device_count=8 {COMPILE_FLAGS}"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")

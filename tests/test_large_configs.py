@@ -11,7 +11,6 @@ import dataclasses
 import importlib
 import json
 import math
-import os
 import re
 import resource
 import subprocess
@@ -19,6 +18,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.procs import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 N_DEVICES = 256
@@ -92,8 +93,7 @@ def lower_train_step(name: str, arg: str = "", batch_size: int = 256, seq_len: i
 
 
 def _run(name: str, *args: str) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),  # this checkout's lora_jax
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={N_DEVICES}")
+    env = child_env(N_DEVICES, PYTHONPATH=str(ROOT))  # this checkout's lora_jax
     proc = subprocess.run([sys.executable, str(Path(__file__)), name, *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

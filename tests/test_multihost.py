@@ -3,7 +3,6 @@ give the same losses as 1 process of 8 devices; checkpoints move between the two
 coordinator fails fast with a clear message. Every test starts fresh Python processes."""
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -13,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.procs import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "d_model=32,n_layers=2,n_head=2,n_positions=32,vocab_size=320"
@@ -33,8 +34,7 @@ def _free_port() -> int:
 
 
 def _env(devices: int) -> dict:
-    return dict(os.environ, JAX_PLATFORMS="cpu",
-                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return child_env(devices)
 
 
 def _train(workdir, processes: int, extra=(), timeout=600):

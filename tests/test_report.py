@@ -5,7 +5,6 @@ axis, seeds averaged (mean ± std), and one colour per series across figures."""
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import matplotlib.image
 import numpy as np
 
 from lora_jax import report
+from tests.procs import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -129,7 +129,7 @@ def test_axes_from_run_json_when_there_is_no_overrides_json(tmp_path):
 def test_cli_prints_the_table_and_reports_bad_runs(tmp_path):
     sweep_fixture(tmp_path / "runs")
     (tmp_path / "runs" / "rank=1_targets=qv" / "summary.json").write_text("not json")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = child_env()
     proc = subprocess.run([sys.executable, "-m", "experiments.report", str(tmp_path / "runs"),
                            f"--out={tmp_path / 'out'}"], cwd=ROOT, env=env, capture_output=True,
                           text=True)

@@ -3,7 +3,6 @@ how a point's exit is classified, and a sweep end to end with a bad point and a 
 interrupted with SIGTERM mid-point and resumed without redoing the finished one."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from configs import common
 from lora_jax import sweep
 from lora_jax.train import Experiment, from_dict
 from lora_jax.train.trainer import _identity
+from tests.procs import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--config.base.source=init",
@@ -24,7 +24,7 @@ TINY = ["--config.base.source=init",
         "--config.data.seq_len=24", "--config.train.batch_size=8", "--config.train.log_every=1",
         "--config.train.eval_every=1000", "--config.train.checkpoint_every=1000",
         "--config.train.eval_batch_size=16"]
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+ENV = child_env()
 
 
 def write_config(path: Path, points) -> str:

@@ -202,8 +202,11 @@ def test_dropout_is_what_the_solo_runs_draw():
     assert batched.plan_groups(cfgs) == ([[0, 1]], {})
     solo, group, solo_trees, (t, _, _), _, _ = _solo_and_group(cfgs, steps=2)
     np.testing.assert_allclose(group, solo, rtol=0, atol=1e-5)
+    # Adam's first steps at lr 0.1 move a weight by ~lr * sign(gradient), which turns the fp32
+    # reduction-order differences between the vmapped and solo programs (seen up to 4e-5 with
+    # conftest's compile flags) into weight differences; wrong masks move them by > 1e-3 (below).
     for a, b in zip(jax.tree.leaves(t), jax.tree.leaves(solo_trees)):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)
     nodrop = [dataclasses.replace(c, adapter=dataclasses.replace(c.adapter, dropout=0.0))
               for c in cfgs]
     _, group0, _, (t0, _, _), _, _ = _solo_and_group(nodrop, steps=2)

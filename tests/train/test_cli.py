@@ -2,7 +2,6 @@
 --print_config prints the resolved config, and user errors are one line (a traceback only with -v).
 Nothing here trains: each subprocess stops at flag parsing or at the first user error."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +10,10 @@ import pytest
 
 from configs import common
 from lora_jax.train.config import Experiment, OptimConfig
+from tests.procs import child_env
 
 ROOT = Path(__file__).resolve().parents[2]
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+ENV = child_env()
 
 
 def run(module: str, *args: str) -> subprocess.CompletedProcess:

@@ -3,7 +3,6 @@ tiny config (start-up, steps, checkpoint saves with rotation, the final window),
 to completion gives bitwise the losses of an uninterrupted run and a valid summary.json."""
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.procs import child_env
 from tests.train.test_trainer import TINY_MODEL
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,7 +22,7 @@ ARGS = [sys.executable, "-m", "experiments.train", "--config=configs/lora.py:ste
         "--config.train.batch_size=8", "--config.train.log_every=1",
         "--config.train.checkpoint_every=2", "--config.train.keep_checkpoints=2",
         "--config.train.eval_every=1000", "--config.train.eval_batch_size=16"]
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+ENV = child_env()
 
 
 def _losses(workdir) -> dict:

@@ -18,6 +18,7 @@ import pytest
 
 from lora_jax.train import Experiment, from_dict, train_and_evaluate, trainer
 from lora_jax.train import workdir as wd
+from tests.procs import child_env
 from tests.train.test_trainer import TINY_MODEL, load_config, tiny
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -179,7 +180,7 @@ ARGS = [sys.executable, "-m", "experiments.train", "--config=configs/lora.py:ste
         "--config.data.n_train_per_task=16", "--config.data.n_eval_per_task=8",
         "--config.train.batch_size=8", "--config.train.log_every=1",
         "--config.train.checkpoint_every=2", "--config.train.eval_batch_size=16"]
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+ENV = child_env()
 
 
 def _launch(workdir, *extra):
