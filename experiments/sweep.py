@@ -28,7 +28,7 @@ from ml_collections import config_flags
 from configs import common
 from lora_jax import sweep
 from lora_jax.train import Experiment, from_dict
-from lora_jax.train.trainer import _identity as run_identity  # what run.json records
+from lora_jax.train.trainer import run_identity  # what run.json records
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file with get_sweep "
                                           "(configs/*.py[:arg]); the arg goes to get_config and "

@@ -14,7 +14,7 @@ import pytest
 from configs import common
 from lora_jax import sweep
 from lora_jax.train import Experiment, from_dict
-from lora_jax.train.trainer import _identity
+from lora_jax.train.trainer import run_identity
 from tests.procs import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,7 +134,8 @@ def _fake_done_point(workdir: Path, config: str, overrides: dict, flags: list[st
         cfg = common.apply_overrides(cfg, {key: value})
     cfg = common.apply_overrides(cfg, overrides)
     workdir.mkdir(parents=True)
-    (workdir / "run.json").write_text(json.dumps(_identity(from_dict(Experiment, cfg.to_dict()))))
+    identity = run_identity(from_dict(Experiment, cfg.to_dict()))
+    (workdir / "run.json").write_text(json.dumps(identity))
     (workdir / "summary.json").write_text("{}")
 
 

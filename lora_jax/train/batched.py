@@ -336,7 +336,8 @@ def _check_group(cfgs: Sequence[Experiment]) -> None:
 
 def _point(cfg, workdir, model, params, example, train_arrays) -> _Point:
     workdir = Path(workdir)
-    first = checkpoint.check_identity(workdir, trainer._identity(cfg), recorded=trainer._record(cfg))
+    first = checkpoint.check_identity(workdir, trainer.run_identity(cfg),
+                                      recorded=trainer.launch_record(cfg))
     for line in wd.check_data_unchanged(first.get("data", {}),
                                         allow_change=cfg.train.allow_data_change):
         trainer.log(line)
@@ -420,7 +421,7 @@ def _loop(pts: list[_Point], sh: GroupShardings, params, step_fn, run_evals, log
             wd.write_json(p.workdir / "base_eval.json", ev)
     else:
         log(f"batched group: resuming from step {start}")
-    done = [trainer._read_progress(p.workdir, start) if start else {} for p in pts]
+    done = [trainer.read_progress(p.workdir, start) if start else {} for p in pts]
     for p, d in zip(pts, done):
         p.base_eval = p.base_eval or wd.read_json(p.workdir / "base_eval.json", "delete it")
         p.loss, p.saved = d.get("train_loss"), start
@@ -431,7 +432,7 @@ def _loop(pts: list[_Point], sh: GroupShardings, params, step_fn, run_evals, log
         for i, p in enumerate(pts):
             if step > p.saved and p.stopped is None:
                 p.ckpts.save(step, (trainables[i], opt_states[i]))
-                trainer._write_progress(p.workdir, step, p.cfg.train.keep_checkpoints,
+                trainer.write_progress(p.workdir, step, p.cfg.train.keep_checkpoints,
                                         train_seconds=train_time, train_loss=p.loss,
                                         skipped_steps=0)
                 p.saved = step

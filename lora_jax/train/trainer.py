@@ -473,7 +473,9 @@ RUNTIME_FIELDS = ("eval_every", "eval_batch_size", "log_every", "checkpoint_ever
                   "eval_generate")
 
 
-def _identity(cfg: Experiment) -> dict:
+def run_identity(cfg: Experiment) -> dict:
+    """What ``run.json`` records as the run's identity: the config without the runtime fields
+    (``RUNTIME_FIELDS``) and the mesh, which a resumed run may change."""
     d = to_dict(cfg)
     for k in RUNTIME_FIELDS:
         d["train"].pop(k)
@@ -527,7 +529,9 @@ def train_and_evaluate(cfg: Experiment, workdir: str | os.PathLike) -> dict:
         return _run(cfg, workdir)
 
 
-def _record(cfg: Experiment) -> dict:
+def launch_record(cfg: Experiment) -> dict:
+    """What ``run.json`` records of the first launch besides the identity: the environment and
+    the data files' digests (``checkpoint.check_identity``'s ``recorded``)."""
     return {"environment": wd.environment(), "data": wd.data_digests(data_files(cfg.data))}
 
 
@@ -545,7 +549,7 @@ def _last_logged_loss(workdir: Path, step: int) -> float | None:
     return loss
 
 
-def _read_progress(workdir: Path, start: int) -> dict:
+def read_progress(workdir: Path, start: int) -> dict:
     """``{'train_seconds', 'train_loss', 'skipped_steps'}`` up to checkpoint ``start``.
 
     ``progress.json`` is written right after each checkpoint; if the kill came in between (or
@@ -562,7 +566,7 @@ def _read_progress(workdir: Path, start: int) -> dict:
             "skipped_steps": got.get("skipped_steps", 0)}
 
 
-def _write_progress(workdir: Path, step: int, keep: int, **values) -> None:
+def write_progress(workdir: Path, step: int, keep: int, **values) -> None:
     """Records ``values`` for checkpoint ``step`` (the newest ``keep + 1`` records are kept)."""
     if jax.process_index() != 0:
         return
@@ -574,7 +578,7 @@ def _write_progress(workdir: Path, step: int, keep: int, **values) -> None:
 
 
 def _run(cfg: Experiment, workdir: Path) -> dict:
-    first = checkpoint.check_identity(workdir, _identity(cfg), recorded=_record(cfg))
+    first = checkpoint.check_identity(workdir, run_identity(cfg), recorded=launch_record(cfg))
     if (workdir / "summary.json").exists():
         summary = wd.read_json(workdir / "summary.json",
                                "delete it to rerun the final evaluation and export")
@@ -635,7 +639,7 @@ def _train(cfg, workdir, setup, sh, train_step, eval_step, loss_fn, loader, ckpt
             wd.write_json(base_file, base_eval)
     if start:
         log(f"resuming from step {start}")
-    done = _read_progress(workdir, start) if start else {}
+    done = read_progress(workdir, start) if start else {}
     train_time = done.get("train_seconds", 0.0)
     loss, skipped = done.get("train_loss"), done.get("skipped_steps", 0)
     saved = start  # the newest checkpoint known good
@@ -647,7 +651,7 @@ def _train(cfg, workdir, setup, sh, train_step, eval_step, loss_fn, loader, ckpt
         nonlocal saved
         if step > saved:
             ckpts.save(step, (trainable, opt_state))
-            _write_progress(workdir, step, cfg.train.keep_checkpoints, train_seconds=train_time,
+            write_progress(workdir, step, cfg.train.keep_checkpoints, train_seconds=train_time,
                             train_loss=loss, skipped_steps=skipped)
             saved = step
 
