@@ -713,10 +713,15 @@ def _train(cfg, workdir, setup, sh, train_step, eval_step, loss_fn, loader, ckpt
 
 def summary_record(cfg: Experiment, trainable, frozen, step: int, train_time: float,
                    loss: float, final: dict, base_eval: dict, skipped: int) -> dict:
-    """The ``summary.json`` keys every run has (solo and batched); callers add their own."""
+    """The ``summary.json`` keys every run has (solo and batched); callers add their own.
+
+    Throughput: ``examples_per_sec`` always, ``tokens_per_sec`` (examples × ``data.seq_len``)
+    only for a data kind whose rows are tokens (not for images)."""
     n_train = lj.count_params(trainable)
     n_base = lj.count_params(frozen.get("params", {}))
-    tokens = cfg.train.batch_size * cfg.data.seq_len * step
+    rate = lambda n: n * cfg.train.batch_size * step / train_time if train_time > 0 else None
+    per_token = {"tokens_per_sec": rate(cfg.data.seq_len)} if D.get_kind(cfg.data.kind).tokens \
+        else {}
     return {
         "method": cfg.method,
         "model": f"{cfg.model.family}/{cfg.model.preset}" if not cfg.model.hf_path
@@ -730,7 +735,8 @@ def summary_record(cfg: Experiment, trainable, frozen, step: int, train_time: fl
         "base_eval_loss": base_eval["loss"],
         "base_accuracy": base_eval["accuracy"],
         "accuracy": final["accuracy"],
-        "tokens_per_sec": tokens / train_time if train_time > 0 else None,
+        "examples_per_sec": rate(1),
+        **per_token,
         "skipped_steps": skipped,
     }
 
