@@ -66,7 +66,8 @@ def build_model(mc: ModelConfig, vocab_size: int | None):
     dtypes = dict(dtype=jnp.dtype(mc.dtype), param_dtype=jnp.dtype(mc.param_dtype))
     if mc.hf_path:
         module, params = models.load_hf_checkpoint(mc.hf_path, scan_layers=mc.scan_layers,
-                                                   remat=mc.remat, **dtypes)
+                                                   remat=mc.remat, **dtypes,
+                                                   overrides=_overrides(mc.overrides))
         if hasattr(module.cfg, "remat_policy"):
             module = module.clone(cfg=dataclasses.replace(module.cfg,
                                                           remat_policy=mc.remat_policy))
