@@ -5,8 +5,9 @@
 every HF tensor onto our parameter tree: GPT-2 `Conv1D` weights are already (in, out); Llama
 `nn.Linear` weights are (out, in) and are transposed, and attention projections are reshaped into
 our multi-axis (`embed`, `heads`, `kv`) kernels. A BERT directory (`model_type: bert`) goes to
-`hf_bert.py`'s loader. Missing, unexpected and mis-shaped tensors raise errors that name them. `stack_layers` / `unstack_layers` convert between the unscanned
-(`h_0..h_{L-1}`) and scanned (`h`, stacked on axis 0) layouts. The export direction
+`hf_bert.py`'s loader. Missing, unexpected and mis-shaped tensors raise errors that name them.
+`stack_layers` / `unstack_layers` convert between the unscanned (`h_0..h_{L-1}`) and scanned
+(`h`, stacked on axis 0) layouts. The export direction
 (`config_to_hf`, `params_to_hf`) inverts the same key maps; writing files and adapter (PEFT)
 files live in `lora_jax.interop`, not here.
 """
