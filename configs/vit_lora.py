@@ -17,7 +17,8 @@ pretrained on ``plain_0to4`` (digits 0-4, 1,000 steps, about 3 min) by the same 
 and cached like the default experiment's (``base.seed`` picks it; ``seed`` only the adapters'
 init and the batch order); ``--config.base.source=init`` starts from a fresh init instead.
 The sweep is LoRA, DoRA, full fine-tuning and the probe over seeds 0, 1, 2 on that one base:
-its mean ± std table, and which gaps are inside the noise, are in docs/vision.md.
+its mean ± std table, which gaps are inside the noise, MTL-LoRA's three seeds and the same
+methods over three bases (``base.seed``) are in docs/vision.md.
 """
 
 from configs import common
