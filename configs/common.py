@@ -115,6 +115,44 @@ def apply_size(config: ml_collections.ConfigDict, size: str) -> ml_collections.C
     return config
 
 
+PROBE = "probe"  # config arg method=probe: the head alone (method 'saved', no adapter targets)
+
+
+def classifier_config(arg: str, tasks: tuple[str, ...], head: str,
+                      lrs: dict[str, float]) -> ml_collections.ConfigDict:
+    """What the encoder-classifier configs (``vit_lora.py``, ``bert_lora.py``) share: the arg
+    keys method, rank, targets, steps, lr (with an optional leading size), the method, the
+    adapters and the head, the tasks, the learning rate and the run length.
+
+    ``method`` is a registered method, ``'full'`` (every parameter) or ``'probe'``: a linear probe,
+    which trains only the ``head`` parameters as modules to save; that is method ``'saved'`` with
+    no adapter targets, so no new method. A method that routes by task (``mtl``,
+    ``per_task``) gets ``num_tasks=len(tasks)``: the data's task ids are its task ids. The lr is
+    ``lr=`` if given, else ``lrs[method]`` (3e-3 for a method not in it). The caller sets the
+    model, data kind and batch size.
+    """
+    size, arg = split_size(arg)
+    a = parse_arg(arg, method="lora", rank=8, targets="all-linear",
+                  steps=SMALL_STEPS if size == "small" else 300, lr=0.0)
+    method = "saved" if a["method"] == PROBE else a["method"]
+    config = get_config()
+    if method != "full":
+        config = set_method(config, method)
+    config.method = method
+    if "num_tasks" in config.method_args:
+        config.method_args.num_tasks = len(tasks)
+    config.data.tasks = tuple(tasks)
+    config.adapter.rank = a["rank"]
+    config.adapter.alpha = 2.0 * a["rank"]
+    config.adapter.targets = "" if a["method"] == PROBE else a["targets"]
+    config.adapter.modules_to_save = head
+    config.optim.lr = a["lr"] or lrs.get(a["method"], 3e-3)
+    config.train.steps = a["steps"]
+    config.train.eval_every = 100
+    config.train.log_every = 25
+    return apply_size(config, size)
+
+
 # ----------------------------------------------------------------------------- the command line
 
 

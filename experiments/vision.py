@@ -8,10 +8,12 @@ The base (`ViT` preset 'digits', trained from scratch on `plain_0to4`) is cached
 $LORA_JAX_CACHE or ~/.cache/lora_jax (`vision/`), keyed by what defines it, so reruns only adapt.
 Every method starts from the same base; LoRA and DoRA adapt the 'all-linear' kernels and train the
 head as a module to save, the linear probe trains only the head (a `modules_to_save` spec with no
-targets), full fine-tuning trains every parameter. The trainer does not take images yet: this
-script is its own short loop over the library's API (`trace_layouts`, `init_adapters`, `apply`,
-`adapter_optimizer`). Prints a markdown table: base accuracy, adapted accuracy mean ± std over
-seeds, accuracy on the base task after adapting (forgetting), trainable parameters.
+targets), full fine-tuning trains every parameter. This script is its own short loop over the
+library's API (`trace_layouts`, `init_adapters`, `apply`, `adapter_optimizer`), one held-out task
+per run; `configs/vit_lora.py` makes the same comparison through the trainer, all four tasks in
+one run (docs/vision.md has both). Prints a markdown table: base accuracy, adapted accuracy
+mean ± std over seeds, accuracy on the base task after adapting (forgetting), trainable
+parameters.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 A `Kind` says how to check a data config without reading anything (`check`), which local files it
 reads (`files`), its tokenizer (`tokenizer`; None for images), an all-zeros example of the model's
 first input (`example`, for tracing and init), how to load it (`load -> (train, eval, task
-names)`), which batch keys the model takes, in order (`inputs`), and what is learned from them
-(`objective`):
+names)`), which batch keys the model takes, in order (`inputs`), what is learned from them
+(`objective`), and whether a row is `seq_len` tokens (`tokens`: throughput in tokens/s too):
 
 - `'lm'` (kinds `tasks`, `jsonl`, `text`): `inputs` int32 (N, T), `targets` int32 (N, T),
   `loss_mask` float32 (N, T), `task_ids` int32 (N,); next-token loss, exact-match accuracy.
@@ -51,6 +51,7 @@ class Kind:
     #                             task names)
     files: Callable[[Any], list[str]] = lambda dc: []  # local files read (digests in run.json)
     pretrain_kind: str = ""  # the built-in kind a cached base is pretrained on ('' = itself)
+    tokens: bool = True  # a row is `seq_len` tokens (throughput is also counted in tokens)
 
 
 def _check_tasks(dc, known) -> None:
@@ -135,7 +136,8 @@ KINDS: dict[str, Kind] = {
                       example=_tokens_example, load=_load_sentences),
     "images": Kind(inputs=("images",), objective="classify",
                    check=lambda dc: _check_tasks(dc, images.task_names()),
-                   tokenizer=lambda dc: None, example=_image_example, load=_load_images),
+                   tokenizer=lambda dc: None, example=_image_example, load=_load_images,
+                   tokens=False),
 }
 
 

@@ -4,9 +4,10 @@
 `model.safetensors.index.json`) with `safetensors.numpy` (no torch), builds our config, and maps
 every HF tensor onto our parameter tree: GPT-2 `Conv1D` weights are already (in, out); Llama
 `nn.Linear` weights are (out, in) and are transposed, and attention projections are reshaped into
-our multi-axis (`embed`, `heads`, `kv`) kernels. Missing, unexpected and mis-shaped tensors raise
-errors that name them. `stack_layers` / `unstack_layers` convert between the unscanned
-(`h_0..h_{L-1}`) and scanned (`h`, stacked on axis 0) layouts. The export direction
+our multi-axis (`embed`, `heads`, `kv`) kernels. A BERT directory (`model_type: bert`) goes to
+`hf_bert.py`'s loader. Missing, unexpected and mis-shaped tensors raise errors that name them.
+`stack_layers` / `unstack_layers` convert between the unscanned (`h_0..h_{L-1}`) and scanned
+(`h`, stacked on axis 0) layouts. The export direction
 (`config_to_hf`, `params_to_hf`) inverts the same key maps; writing files and adapter (PEFT)
 files live in `lora_jax.interop`, not here.
 """
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file
 
+from lora_jax.models.bert import BertConfig
 from lora_jax.models.gpt2 import GPT2, GPT2Config
 from lora_jax.models.llama import Llama, LlamaConfig
 
@@ -80,8 +82,9 @@ def _layer_names(params: dict, prefix: str) -> list[str]:
 _ARCHITECTURES = {"gpt2": ("GPT2LMHeadModel",), "llama": ("LlamaForCausalLM",)}
 
 
-def config_from_hf(hf: dict, **overrides) -> GPT2Config | LlamaConfig:
-    """Builds our config from a parsed HF `config.json` dict (model_type 'gpt2' or 'llama').
+def config_from_hf(hf: dict, **overrides) -> GPT2Config | LlamaConfig | BertConfig:
+    """Builds our config from a parsed HF `config.json` dict (model_type 'gpt2', 'llama' or
+    'bert'; BERT's is `hf_bert.bert_config_from_hf`).
 
     Reads configs as transformers 4 and 5 write them (RoPE settings at the top level or in
     `rope_parameters`). Anything our modules would silently compute differently is refused by
@@ -89,9 +92,13 @@ def config_from_hf(hf: dict, **overrides) -> GPT2Config | LlamaConfig:
     `overrides` set our own fields (`scan_layers`, `remat`, `dtype`, `param_dtype`, ...).
     """
     model_type = hf.get("model_type")
+    if model_type == "bert":
+        from lora_jax.models.hf_bert import bert_config_from_hf
+
+        return bert_config_from_hf(hf, **overrides)
     if model_type not in _ARCHITECTURES:
         raise ValueError(f"config.json: unknown model_type {model_type!r}; supported: "
-                         f"{', '.join(repr(k) for k in _ARCHITECTURES)}.")
+                         f"{', '.join(repr(k) for k in (*_ARCHITECTURES, 'bert'))}.")
     unknown = [a for a in hf.get("architectures") or () if a not in _ARCHITECTURES[model_type]]
     if unknown:
         raise ValueError(f"config.json: architectures {unknown} are not supported for model_type "
@@ -305,14 +312,19 @@ def load_hf_checkpoint(
     remat: bool = False,
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
+    overrides: dict | None = None,
 ) -> tuple[nn.Module, dict]:
-    """Loads a Hugging Face GPT-2 or Llama checkpoint directory into our module and params.
+    """Loads a Hugging Face GPT-2, Llama or BERT checkpoint directory into our module and params.
 
     Args:
       path: directory with `config.json` and `model.safetensors` (or a sharded index).
       scan_layers: if True, layer params are stacked on axis 0 under `h` / `layers`.
       remat: sets `cfg.remat` on the returned module.
       dtype: compute dtype of the module; param_dtype: dtype of the returned params.
+      overrides: our config fields (the trainer's `model.overrides`). A BERT checkpoint is an
+        encoder whose head they choose (`head`, `n_labels`, `pooling`, `seed`; and fields the
+        checkpoint does not set, e.g. `dropout_rate`): `hf_bert.load_bert_checkpoint`'s arguments.
+        GPT-2 and Llama checkpoints set every field themselves and ignore them.
     Returns:
       (module, params): params are plain (unboxed) jax arrays with exactly the structure and
       shapes of `nn.meta.unbox(module.init(...)['params'])`.
@@ -326,7 +338,7 @@ def load_hf_checkpoint(
         from lora_jax.models.hf_bert import load_bert_checkpoint
 
         return load_bert_checkpoint(path, scan_layers=scan_layers, remat=remat, dtype=dtype,
-                                    param_dtype=param_dtype)
+                                    param_dtype=param_dtype, **(overrides or {}))
     cfg = config_from_hf(hf_cfg, scan_layers=scan_layers, remat=remat, dtype=dtype,
                          param_dtype=param_dtype)
     family = hf_cfg["model_type"]

@@ -42,12 +42,17 @@ def bert_config_from_hf(hf: dict, **overrides) -> BertConfig:
                          "our BERT uses the exact (erf) GELU, 'gelu'.")
     if hf.get("position_embedding_type", "absolute") != "absolute":
         raise ValueError("config.json: only position_embedding_type 'absolute' is supported.")
-    return BertConfig(
+    fields = dict(
         vocab_size=hf["vocab_size"], max_positions=hf["max_position_embeddings"],
         type_vocab_size=hf.get("type_vocab_size", 2), d_model=hf["hidden_size"],
         n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
         d_ff=hf["intermediate_size"], layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
-        pad_id=hf.get("pad_token_id", 0) or 0, **overrides)
+        pad_id=hf.get("pad_token_id", 0) or 0)
+    clash = sorted(set(fields) & set(overrides))
+    if clash:
+        raise ValueError(f"overrides {clash} are set by the checkpoint's config.json; only the "
+                         "head (head, n_labels, pooling) and fields it lacks can be overridden")
+    return BertConfig(**fields, **overrides)
 
 
 def sentence_transformers_pooling(path: str) -> str | None:
@@ -115,6 +120,7 @@ def load_bert_checkpoint(
     remat: bool = False,
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
+    **overrides,
 ) -> tuple[nn.Module, dict]:
     """Loads a Hugging Face BERT directory into `Bert` (or a head module) and its params.
 
@@ -125,6 +131,7 @@ def load_bert_checkpoint(
       n_labels: the head's outputs; seed: PRNG seed of a head the checkpoint lacks.
       scan_layers: stack layer params on axis 0 under `layers`.
       dtype, param_dtype: compute dtype of the module; dtype of the returned params.
+      overrides: other `BertConfig` fields the checkpoint does not set (`dropout_rate`, ...).
     Returns:
       (module, params): params are plain jax arrays shaped as `module.init(...)['params']`.
     """
@@ -136,7 +143,7 @@ def load_bert_checkpoint(
     pooling = pooling or sentence_transformers_pooling(path) or "cls"
     cfg = bert_config_from_hf(hf_cfg, pooling=pooling, head=head, n_labels=n_labels,
                               scan_layers=scan_layers, remat=remat, dtype=dtype,
-                              param_dtype=param_dtype)
+                              param_dtype=param_dtype, **overrides)
     tensors = read_safetensors(path)
     classifier = {k: v for k, v in tensors.items() if k.startswith("classifier.")}
     tensors = {k.removeprefix("bert."): v for k, v in tensors.items()

@@ -66,7 +66,8 @@ def build_model(mc: ModelConfig, vocab_size: int | None):
     dtypes = dict(dtype=jnp.dtype(mc.dtype), param_dtype=jnp.dtype(mc.param_dtype))
     if mc.hf_path:
         module, params = models.load_hf_checkpoint(mc.hf_path, scan_layers=mc.scan_layers,
-                                                   remat=mc.remat, **dtypes)
+                                                   remat=mc.remat, **dtypes,
+                                                   overrides=_overrides(mc.overrides))
         if hasattr(module.cfg, "remat_policy"):
             module = module.clone(cfg=dataclasses.replace(module.cfg,
                                                           remat_policy=mc.remat_policy))
@@ -717,10 +718,15 @@ def _train(cfg, workdir, setup, sh, train_step, eval_step, loss_fn, loader, ckpt
 
 def summary_record(cfg: Experiment, trainable, frozen, step: int, train_time: float,
                    loss: float, final: dict, base_eval: dict, skipped: int) -> dict:
-    """The ``summary.json`` keys every run has (solo and batched); callers add their own."""
+    """The ``summary.json`` keys every run has (solo and batched); callers add their own.
+
+    Throughput: ``examples_per_sec`` always, ``tokens_per_sec`` (examples × ``data.seq_len``)
+    only for a data kind whose rows are tokens (not for images)."""
     n_train = lj.count_params(trainable)
     n_base = lj.count_params(frozen.get("params", {}))
-    tokens = cfg.train.batch_size * cfg.data.seq_len * step
+    rate = lambda n: n * cfg.train.batch_size * step / train_time if train_time > 0 else None
+    per_token = {"tokens_per_sec": rate(cfg.data.seq_len)} if D.get_kind(cfg.data.kind).tokens \
+        else {}
     return {
         "method": cfg.method,
         "model": f"{cfg.model.family}/{cfg.model.preset}" if not cfg.model.hf_path
@@ -734,7 +740,8 @@ def summary_record(cfg: Experiment, trainable, frozen, step: int, train_time: fl
         "base_eval_loss": base_eval["loss"],
         "base_accuracy": base_eval["accuracy"],
         "accuracy": final["accuracy"],
-        "tokens_per_sec": tokens / train_time if train_time > 0 else None,
+        "examples_per_sec": rate(1),
+        **per_token,
         "skipped_steps": skipped,
     }
 
