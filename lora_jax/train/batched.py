@@ -425,7 +425,7 @@ def _loop(pts: list[_Point], sh: GroupShardings, params, step_fn, run_evals, log
     for p, d in zip(pts, done):
         p.base_eval = p.base_eval or wd.read_json(p.workdir / "base_eval.json", "delete it")
         p.loss, p.saved = d.get("train_loss"), start
-        p.progress = Progress(steps, p.cfg.train.batch_size * p.cfg.data.seq_len, start)
+        p.progress = Progress(steps, p.cfg.train.batch_size, start, p.cfg.data.seq_len)
     train_time, t_cfg = (done[0].get("train_seconds", 0.0) if start else 0.0), pts[0].cfg.train
 
     def save(step):

@@ -82,16 +82,19 @@ class MetricsWriter:
 
 
 class Progress:
-    """Steps/s, tokens/s and ETA from the step times after compilation.
+    """Steps/s, examples/s (and tokens/s for token data) and ETA from the step times after
+    compilation.
 
     The interval up to the first ``report`` holds the jit compile (and the first step's dispatch),
     so it gives no rate: the first report's values are NaN ("unknown") unless ``mark(step)`` was
     called once that step had finished, e.g. after the first step; every later report measures
-    from the previous one. ``tokens_per_step`` is the global batch's tokens.
+    from the previous one. ``examples_per_step`` is the global batch; ``tokens_per_example`` the
+    sequence length, or None for data without tokens (images), which then reports no tokens/s.
     """
 
-    def __init__(self, total_steps: int, tokens_per_step: int, start_step: int):
-        self.total, self.tokens = total_steps, tokens_per_step
+    def __init__(self, total_steps: int, examples_per_step: int, start_step: int,
+                 tokens_per_example: int | None = None):
+        self.total, self.examples, self.tokens = total_steps, examples_per_step, tokens_per_example
         self.last_step, self.last_time, self.timed = start_step, time.perf_counter(), False
 
     def mark(self, step: int) -> None:
@@ -99,16 +102,23 @@ class Progress:
         self.last_step, self.last_time, self.timed = step, time.perf_counter(), True
 
     def report(self, step: int) -> dict:
-        """``{'steps_per_sec', 'tokens_per_sec', 'eta_sec'}`` since the previous report or mark."""
+        """``{'steps_per_sec', 'examples_per_sec', ['tokens_per_sec',] 'eta_sec'}`` since the
+        previous report or mark."""
         now = time.perf_counter()
         steps, seconds = step - self.last_step, now - self.last_time
         timed, self.timed = self.timed, True
         self.last_step, self.last_time = step, now
-        if not timed or steps <= 0:
-            return {"steps_per_sec": math.nan, "tokens_per_sec": math.nan, "eta_sec": math.nan}
-        sps = steps / max(seconds, 1e-9)
-        return {"steps_per_sec": sps, "tokens_per_sec": sps * self.tokens,
-                "eta_sec": (self.total - step) / sps}
+        sps = steps / max(seconds, 1e-9) if timed and steps > 0 else math.nan
+        rates = {"steps_per_sec": sps, "examples_per_sec": sps * self.examples}
+        if self.tokens is not None:
+            rates["tokens_per_sec"] = sps * self.examples * self.tokens
+        return {**rates, "eta_sec": (self.total - step) / sps}
+
+    def describe(self, rates: dict) -> str:
+        """``'12.3 steps/s  45,678 tok/s'`` (``ex/s`` for data without tokens)."""
+        per = (f"{rates['tokens_per_sec']:,.0f} tok/s" if "tokens_per_sec" in rates
+               else f"{rates['examples_per_sec']:,.1f} ex/s")
+        return f"{rates['steps_per_sec']:.1f} steps/s  {per}"
 
 
 def format_duration(seconds: float) -> str:

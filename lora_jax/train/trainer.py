@@ -645,7 +645,8 @@ def _train(cfg, workdir, setup, sh, train_step, eval_step, loss_fn, loader, ckpt
     loss, skipped = done.get("train_loss"), done.get("skipped_steps", 0)
     saved = start  # the newest checkpoint known good
     schedule = lambda s: float(setup.lr(s)) if setup.lr is not None else None
-    progress = Progress(cfg.train.steps, cfg.train.batch_size * cfg.data.seq_len, start)
+    progress = Progress(cfg.train.steps, cfg.train.batch_size, start,
+                        cfg.data.seq_len if D.get_kind(cfg.data.kind).tokens else None)
     key = jax.random.key(cfg.seed + 2)
 
     def save(step):
@@ -684,8 +685,7 @@ def _train(cfg, workdir, setup, sh, train_step, eval_step, loss_fn, loader, ckpt
             metrics.write(step, "train", loss=float(out["loss"]), grad_norm=float(out["grad_norm"]),
                           lr=schedule(step - 1), skipped_steps=skipped, **rates)
             log(f"step {step}/{cfg.train.steps}  loss {float(out['loss']):.4f}  "
-                f"{rates['steps_per_sec']:.1f} steps/s  {rates['tokens_per_sec']:,.0f} tok/s  "
-                f"ETA {format_duration(rates['eta_sec'])}")
+                f"{progress.describe(rates)}  ETA {format_duration(rates['eta_sec'])}")
         if step % cfg.train.eval_every == 0 and step != cfg.train.steps:
             ev = run_eval(trainable, frozen)
             metrics.write(step, "eval", **ev)

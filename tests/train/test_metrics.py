@@ -26,7 +26,8 @@ def clock(monkeypatch):
 
 
 def test_the_compile_interval_gives_no_rate(clock):
-    progress = metrics.Progress(total_steps=100, tokens_per_step=10, start_step=0)
+    progress = metrics.Progress(total_steps=100, examples_per_step=2, start_step=0,
+                                tokens_per_example=5)
     clock.now += 30.0  # step 1 compiles for 30 s, then 9 steps at 0.1 s
     clock.now += 0.9
     first = progress.report(10)
@@ -34,12 +35,16 @@ def test_the_compile_interval_gives_no_rate(clock):
     clock.now += 2.0  # 20 steps at 0.1 s
     second = progress.report(30)
     assert second["steps_per_sec"] == pytest.approx(10.0)
+    assert second["examples_per_sec"] == pytest.approx(20.0)
     assert second["tokens_per_sec"] == pytest.approx(100.0)
+    assert metrics.Progress(100, 2, 0).report(1).keys() == {"steps_per_sec", "examples_per_sec",
+                                                            "eta_sec"}  # no tokens: no tok/s
     assert second["eta_sec"] == pytest.approx(7.0)  # 70 steps left at 10/s, no compile in it
 
 
 def test_mark_after_the_first_step_times_the_first_report(clock):
-    progress = metrics.Progress(total_steps=100, tokens_per_step=10, start_step=0)
+    progress = metrics.Progress(total_steps=100, examples_per_step=2, start_step=0,
+                                tokens_per_example=5)
     clock.now += 30.0
     progress.mark(1)  # step 1 (the compile) done
     clock.now += 0.9
