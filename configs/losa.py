@@ -29,12 +29,25 @@ accuracy (dense base 0.000); pruned once + plain LoRA reaches 0.637 but merges d
 from configs import common
 
 
+SWEEPS = ("compare", "claim")  # a leading sweep name is passed to both functions
+SEEDS = (0, 1, 2)  # the claim's adapter seeds (init, data order, calibration rows); base.seed fixed
+# Prune once (T = 1, one rate for every block), then plain rank-8 LoRA (its merge is dense); the
+# sweeps' form of variant='prune_lora':
+PRUNE_LORA = {"method_args.iterations": 1, "method_args.layerwise": False,
+              "method_args.dynamic_rank": False, "method_args.masked": False,
+              "adapter.rank": 8, "adapter.alpha": 16.0}
+
+
 def get_config(arg: str = ""):
-    if arg.split(",")[0] == "compare":  # the sweep's name, passed to both functions
-        arg = arg.partition(",")[2]
+    sweep, _, rest = (arg or "").partition(",")
+    sweep = sweep.strip()
+    if sweep in SWEEPS:
+        arg = rest
     a = common.parse_arg(arg, sparsity=0.5, pruner="wanda", iterations=5, beta=1.0, pattern="",
                          steps=400, variant="losa", rank=16, alpha=32.0)
     config = common.set_method(common.get_config(), "losa")
+    if sweep == "claim":  # fine-tune and evaluate on what the base was pretrained on
+        config.data.tasks = config.base.pretrain_tasks
     config.adapter.rank = a["rank"]  # r_max: A and B keep this size; rank masks select ranks
     config.adapter.alpha = float(a["alpha"])
     config.train.steps = a["steps"]
@@ -59,15 +72,17 @@ def get_config(arg: str = ""):
 
 def get_sweep(arg: str = ""):
     """'' : S × pruner × T around the defaults, and the reference's options one at a time;
-    'compare': the table of docs/losa.md."""
-    if (arg or "").split(",")[0] == "compare":
-        out = []
-        for s in (0.5, 0.7):
-            out += [{"method_args.target": s},
-                    {"method_args.target": s, "method_args.iterations": 1, "method_args.layerwise": False,
-                     "method_args.dynamic_rank": False, "method_args.masked": False,
-                     "adapter.rank": 8, "adapter.alpha": 16.0}]
-        return out
+    'compare': the held-out-task table of docs/losa.md; 'claim': LoSA's claim on the pretraining
+    tasks (S × pruner × {LoSA, prune once + LoRA} × 3 seeds, seeds outermost so that a cut grid
+    still has every column)."""
+    sweep = (arg or "").split(",")[0].strip()
+    if sweep == "compare":
+        return [p for s in (0.5, 0.7) for p in ({"method_args.target": s},
+                                                 {"method_args.target": s, **PRUNE_LORA})]
+    if sweep == "claim":
+        return [{"seed": seed, "method_args.pruner": p, "method_args.target": s, **variant}
+                for seed in SEEDS for p in ("wanda", "sparsegpt") for s in (0.5, 0.7)
+                for variant in ({}, PRUNE_LORA)]
     grid = [{"method_args.target": s, "method_args.pruner": p}
             for s in (0.5, 0.7) for p in ("wanda", "sparsegpt")]
     grid += [{"method_args.iterations": t} for t in (1, 3, 5)]
