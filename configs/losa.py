@@ -73,16 +73,19 @@ def get_config(arg: str = ""):
 def get_sweep(arg: str = ""):
     """'' : S × pruner × T around the defaults, and the reference's options one at a time;
     'compare': the held-out-task table of docs/losa.md; 'claim': LoSA's claim on the pretraining
-    tasks (S × pruner × {LoSA, prune once + LoRA} × 3 seeds, seeds outermost so that a cut grid
-    still has every column)."""
+    tasks (S × pruner × {LoSA, prune once + LoRA}, and LoRA on the unpruned base, × 3 seeds;
+    seeds outermost so that a cut grid still has every column)."""
     sweep = (arg or "").split(",")[0].strip()
     if sweep == "compare":
         return [p for s in (0.5, 0.7) for p in ({"method_args.target": s},
                                                  {"method_args.target": s, **PRUNE_LORA})]
     if sweep == "claim":
-        return [{"seed": seed, "method_args.pruner": p, "method_args.target": s, **variant}
-                for seed in SEEDS for p in ("wanda", "sparsegpt") for s in (0.5, 0.7)
-                for variant in ({}, PRUNE_LORA)]
+        dense_lora = {"method_args.target": 0.0, **PRUNE_LORA}  # the control: LoRA, no pruning
+        return [point for seed in SEEDS for point in
+                [{"seed": seed, **dense_lora}] +
+                [{"seed": seed, "method_args.pruner": p, "method_args.target": s, **variant}
+                 for p in ("wanda", "sparsegpt") for s in (0.5, 0.7)
+                 for variant in ({}, PRUNE_LORA)]]
     grid = [{"method_args.target": s, "method_args.pruner": p}
             for s in (0.5, 0.7) for p in ("wanda", "sparsegpt")]
     grid += [{"method_args.iterations": t} for t in (1, 3, 5)]
