@@ -239,3 +239,23 @@ def test_bf16_base_keeps_a_tiny_delta():
     np.testing.assert_allclose(out.astype(jnp.float32), 3.2e-4, rtol=1e-2)
     w_plus = (kernel.astype(jnp.float32) + 2e-5).astype(jnp.bfloat16)  # what one matmul would see
     assert bool(jnp.all(w_plus == kernel))
+
+
+def test_calibration_gives_the_model_the_data_kinds_inputs(tmp_path):
+    """Packed rows (the jsonl / text kinds) are calibrated with their segment_ids: the hook's
+    dense block outputs are those of the block-diagonal model, not of examples mixed in a row."""
+    model, params, adapters, tokens, _ = _setup()
+    seg = jnp.broadcast_to(jnp.where(jnp.arange(16) < 7, 1, 2), tokens.shape)
+    _, state = lj.transform.split(adapters)
+    run = lj.methods.Run(model=model, train_arrays={"inputs": tokens, "segment_ids": seg},
+                         tasks=("all",), steps=2, seed=0, workdir=tmp_path,
+                         inputs=("inputs", "segment_ids"))
+    hook = sch.trainer_hook(lj.methods.LoSA(iterations=1, calib_samples=8), run)  # every row
+    hook.restore(0, {"params": params, "state": state})
+
+    def outputs(*inputs):
+        blocks, x0 = sm.capture_blocks(model, params, *inputs)
+        return sm.run_blocks(blocks, params, x0)[-1]
+
+    np.testing.assert_allclose(hook.hook.dense_outputs[-1], outputs(tokens, seg), atol=1e-5)
+    assert not np.allclose(hook.hook.dense_outputs[-1], outputs(tokens), atol=1e-3)
