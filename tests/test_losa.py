@@ -239,3 +239,50 @@ def test_bf16_base_keeps_a_tiny_delta():
     np.testing.assert_allclose(out.astype(jnp.float32), 3.2e-4, rtol=1e-2)
     w_plus = (kernel.astype(jnp.float32) + 2e-5).astype(jnp.bfloat16)  # what one matmul would see
     assert bool(jnp.all(w_plus == kernel))
+
+
+def test_calibration_gives_the_model_the_data_kinds_inputs(tmp_path):
+    """Packed rows (the jsonl / text kinds) are calibrated with their segment_ids: the hook's
+    dense block outputs are those of the block-diagonal model, not of examples mixed in a row."""
+    model, params, adapters, tokens, _ = _setup()
+    seg = jnp.broadcast_to(jnp.where(jnp.arange(16) < 7, 1, 2), tokens.shape)
+    _, state = lj.transform.split(adapters)
+    run = lj.methods.Run(model=model, train_arrays={"inputs": tokens, "segment_ids": seg},
+                         tasks=("all",), steps=2, seed=0, workdir=tmp_path,
+                         inputs=("inputs", "segment_ids"))
+    hook = sch.trainer_hook(lj.methods.LoSA(iterations=1, calib_samples=8), run)  # every row
+    hook.restore(0, {"params": params, "state": state})
+
+    def outputs(*inputs):
+        blocks, x0 = sm.capture_blocks(model, params, *inputs)
+        return sm.run_blocks(blocks, params, x0)[-1]
+
+    np.testing.assert_allclose(hook.hook.dense_outputs[-1], outputs(tokens, seg), atol=1e-5)
+    assert not np.allclose(hook.hook.dense_outputs[-1], outputs(tokens), atol=1e-3)
+
+
+def test_claim_sweep_fine_tunes_and_evaluates_on_the_pretraining_tasks():
+    """configs/losa.py:claim (docs/losa.md): every point builds, trains and is scored on the
+    tasks the base was pretrained on, for the same steps, over one base; each configuration has
+    >= 3 adapter seeds; the columns are LoSA and prune once + LoRA per pruner and S, and LoRA on
+    the unpruned base."""
+    from configs import common
+    from configs import losa as losa_config
+
+    base = losa_config.get_config("claim")
+    points = losa_config.get_sweep("claim")
+    cfgs = [from_dict(Experiment, common.apply_overrides(base, p).to_dict()) for p in points]
+    by_config = {}
+    for p, cfg in zip(points, cfgs):
+        assert cfg.data.tasks == cfg.base.pretrain_tasks and cfg.base.source == "pretrain"
+        assert cfg.train.steps == cfgs[0].train.steps and cfg.base == cfgs[0].base
+        lj.methods.from_config(cfg.method, cfg.method_args)  # the method accepts its arguments
+        by_config.setdefault(tuple(sorted((k, v) for k, v in p.items() if k != "seed")),
+                             set()).add(cfg.seed)
+    assert all(len(seeds) >= 3 for seeds in by_config.values())
+    kinds = {(dict(k)["method_args.target"], dict(k).get("method_args.pruner", "wanda"),
+              dict(k).get("method_args.iterations", 5), dict(k).get("method_args.masked", True))
+             for k in by_config}
+    assert kinds == {(0.0, "wanda", 1, False)} | {
+        (s, p, t, m) for s in (0.5, 0.7) for p in ("wanda", "sparsegpt")
+        for t, m in ((5, True), (1, False))}

@@ -86,6 +86,7 @@ class Run:
     workdir: Any
     evaluate: Callable | None = None  # (trainable, frozen) -> {'loss', 'accuracy': {...}}
     log: Callable[[str], None] = print
+    inputs: tuple[str, ...] = ("inputs",)  # the batch keys the model takes, in order (data kind)
 
 
 class Callback(Protocol):

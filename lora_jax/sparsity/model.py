@@ -3,9 +3,11 @@
 A model's blocks are the top-level submodules named ``{prefix}_{i}`` (``h_i`` in GPT-2,
 ``layers_i`` in Llama); each maps the residual stream ``x -> (x', ...)``. ``capture_blocks``
 runs the model once up to block 0 (a Flax method interceptor stops it there) and keeps an unbound
-clone of that block plus its input; from then on each block is applied alone
-(``block.apply({'params': params[name]}, x)``, one compiled function for all blocks), with
-another interceptor recording the inputs of its linear layers. ``prune_blocks`` is the
+clone of that block plus its input and the side inputs the model gives every block (the attention
+mask and positions: block-diagonal for packed rows with ``segment_ids``, so calibration
+activations never mix examples); from then on each block is applied alone
+(``block.apply({'params': params[name]}, x, None, side)``, one compiled function for all blocks),
+with another interceptor recording the inputs of its linear layers. ``prune_blocks`` is the
 sequential driver of SparseGPT/Wanda: block i's kernels are pruned from statistics of the inputs
 it receives from the already-pruned blocks before it, all kernels of a block from one pass (as in
 the reference code), and the pruned block's outputs feed block i+1. Multi-axis kernels are
@@ -49,10 +51,15 @@ def block_names(params: Mapping[str, Any]) -> list[str]:
 
 @dataclasses.dataclass(frozen=True)
 class Blocks:
-    """A model seen as its block stack: an unbound block module and the blocks' param names."""
+    """A model seen as its block stack for some calibration rows: an unbound block module, the
+    blocks' param names, and what the model passes every block beside ``x`` for those rows
+    (``(mask, positions, None)``; None: the block is called as ``block(x)``). Leaves of ``side``
+    with the rows' leading size are sliced with ``x``; others (a (1, 1, T, T) causal mask) are
+    shared."""
 
     module: nn.Module
     names: tuple[str, ...]
+    side: Any = None
 
     def index(self, path: str) -> int:
         """Block index of a '/'-joined parameter path (``'h_3/attn/c_attn/kernel'`` -> 3)."""
@@ -62,12 +69,16 @@ class Blocks:
         return self.names.index(head)
 
 
-def capture_blocks(model: nn.Module, params, tokens: jax.Array, **kwargs) -> tuple[Blocks, jax.Array]:
+def capture_blocks(model: nn.Module, params, tokens: jax.Array, *inputs,
+                   **kwargs) -> tuple[Blocks, jax.Array]:
     """``(blocks, x0)``: the block stack of ``model`` and block 0's input for ``tokens``.
 
     Args:
-      model: a linen LM whose blocks are submodules ``{prefix}_{i}`` called as ``block(x)``.
+      model: a linen LM whose blocks are submodules ``{prefix}_{i}`` called as ``block(x)`` or
+        ``block(x, None, side)``.
       params: its parameters; tokens: int (n, seq).
+      inputs: the model's further positional inputs for the same rows, e.g. the ``segment_ids``
+        (n, seq) of packed rows (``Kind.inputs`` order); kwargs: passed to the model too.
     """
     names = block_names(params)
     seen: dict[str, Any] = {}
@@ -76,30 +87,32 @@ def capture_blocks(model: nn.Module, params, tokens: jax.Array, **kwargs) -> tup
         mod = context.module
         if context.method_name == "__call__" and mod.path == (names[0],):
             seen["module"], seen["x"] = mod.clone(parent=None, name=None), args[0]
-            plain = lambda a: a is None or (isinstance(a, tuple) and len(a) == 3
-                                             and a[1] is None and a[2] is None)
-            if len(args) > 3 or kw or not all(plain(a) for a in args[1:]):
+            side = args[2] if len(args) > 2 else None
+            if len(args) > 3 or kw or (len(args) > 1 and args[1] is not None) or not (
+                    side is None or (isinstance(side, tuple) and len(side) == 3
+                                     and side[2] is None)):
                 raise ValueError(f"block {names[0]} is called with extra arguments; only "
                                  "block(x), block(x, None) or, for the KV-cache-aware models, "
-                                 "block(x, None, (causal mask, None, None)) are supported")
+                                 "block(x, None, (mask, positions, None)) are supported")
+            seen["side"] = side
             raise _Stop
         return next_fun(*args, **kw)
 
     try:
         with nn.intercept_methods(catch):
-            model.apply({"params": params}, tokens, **kwargs)
+            model.apply({"params": params}, tokens, *inputs, **kwargs)
     except _Stop:
         pass
     if "x" not in seen:
         raise ValueError(f"block {names[0]!r} was never called by the model")
-    return Blocks(seen["module"], tuple(names)), seen["x"]
+    return Blocks(seen["module"], tuple(names), seen["side"]), seen["x"]
 
 
 def _block_fn(module: nn.Module) -> Callable:
-    """jitted ``(block_params, x) -> (y, {relative kernel path: layer input})``."""
+    """jitted ``(block_params, x, side) -> (y, {relative kernel path: layer input})``."""
 
     @jax.jit
-    def run(p, x):
+    def run(p, x, side=None):
         inputs = {}
 
         def record(next_fun, args, kw, context):
@@ -109,7 +122,8 @@ def _block_fn(module: nn.Module) -> Callable:
             return next_fun(*args, **kw)
 
         with nn.intercept_methods(record):
-            out = module.apply({"params": p}, x)
+            out = module.apply({"params": p}, x) if side is None else \
+                module.apply({"params": p}, x, None, side)
         return (out[0] if isinstance(out, tuple) else out), inputs
 
     return run
@@ -120,12 +134,16 @@ def run_blocks(blocks: Blocks, params, x: jax.Array, batch_size: int = 16) -> li
     run = _block_fn(blocks.module)
     xs = [x]
     for name in blocks.names:
-        xs.append(jnp.concatenate([run(params[name], xb)[0] for xb in _batches(xs[-1], batch_size)]))
+        xs.append(jnp.concatenate([run(params[name], xb, side)[0] for xb, side in
+                                   _batches(xs[-1], blocks.side, batch_size)]))
     return xs
 
 
-def _batches(x, batch_size):
-    return [x[i:i + batch_size] for i in range(0, x.shape[0], batch_size)]
+def _batches(x, side, batch_size):
+    """``[(x rows, their side inputs), ...]`` in batches of ``batch_size`` rows."""
+    n = x.shape[0]
+    take = lambda i: jax.tree.map(lambda a: a[i:i + batch_size] if a.shape[0] == n else a, side)
+    return [(x[i:i + batch_size], take(i)) for i in range(0, n, batch_size)]
 
 
 def _as_2d(layout: layers.Layout, kernel):
@@ -197,8 +215,8 @@ def prune_blocks(
         mine = per_block.get(i, [])
         stats = {p: pruners.init_calib_stats(layouts[p].d_in) for p in mine}
         if pruner != "magnitude":
-            for xb in _batches(x, batch_size):
-                _, inputs = run(params_of(flat, name), xb)
+            for xb, side in _batches(x, blocks.side, batch_size):
+                _, inputs = run(params_of(flat, name), xb, side)
                 for p in mine:
                     stats[p] = pruners.update_calib_stats(
                         stats[p], _rows(layouts[p], inputs[p.split("/", 1)[1]]))
@@ -207,7 +225,8 @@ def prune_blocks(
                                     None if pattern else float(sparsities[i]), pruner, pattern)
             flat[p] = _from_2d(layouts[p], w2).astype(flat[p].dtype)
             masks[p] = _from_2d(layouts[p], keep)
-        x = jnp.concatenate([run(params_of(flat, name), xb)[0] for xb in _batches(x, batch_size)])
+        x = jnp.concatenate([run(params_of(flat, name), xb, side)[0]
+                             for xb, side in _batches(x, blocks.side, batch_size)])
         if dense_outputs is not None:
             errors.append(float(losa.reconstruction_error(dense_outputs[i], x)))
     return rules.unflatten(flat), masks, (errors if dense_outputs is not None else None)

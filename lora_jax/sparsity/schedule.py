@@ -158,15 +158,17 @@ class LosaHook:
     change, shapes/dtypes/shardings do not, so the step does not recompile.
     """
 
-    def __init__(self, opts: LosaOptions, model, frozen, calib_tokens, steps: int,
-                 workdir: str | os.PathLike, evaluate: Callable | None = None,
+    def __init__(self, opts: LosaOptions, model, frozen, calib_inputs: Sequence[jax.Array],
+                 steps: int, workdir: str | os.PathLike, evaluate: Callable | None = None,
                  batch_size: int = 16, log: Callable[[str], None] = print):
+        """``calib_inputs``: the model's positional inputs for the calibration rows, in the data
+        kind's order (``(tokens,)``; packed rows: ``(tokens, segment_ids)``), each (n, seq)."""
         self.opts, self.log, self.evaluate, self.batch_size = opts, log, evaluate, batch_size
         self.dir = Path(workdir) / "losa"
         self.starts = segment_starts(steps, opts.iterations)
         params = frozen["params"]
-        self.layouts = transform.trace_layouts(model, params, calib_tokens[:1])
-        self.blocks, self.x0 = capture_blocks(model, params, calib_tokens)
+        self.layouts = transform.trace_layouts(model, params, *(x[:1] for x in calib_inputs))
+        self.blocks, self.x0 = capture_blocks(model, params, *calib_inputs)
         # The dense reference: the base before any pruning (adapters start with B = 0).
         self.dense_outputs = run_blocks(self.blocks, params, self.x0, batch_size)[1:]
         self.records: list[dict] = []
@@ -250,21 +252,23 @@ def _like(old, new):
 def trainer_hook(method, run) -> LosaHook:
     """The ``LosaHook`` of an ``lj.methods.losa`` method in a training ``run`` (methods.Run).
 
-    Calibration: ``method.calib_samples`` training sequences drawn with ``run.seed``.
-    ``run.evaluate(trainable, frozen) -> {'loss', 'accuracy': {'mean'}}`` is logged after each
-    prune. The hook is built lazily by ``restore`` (it needs the frozen base).
+    Calibration: ``method.calib_samples`` training rows drawn with ``run.seed``, given to the
+    model as the data kind's inputs (``run.inputs``: the ``segment_ids`` of packed rows too, so
+    activations stay within an example). ``run.evaluate(trainable, frozen) -> {'loss',
+    'accuracy': {'mean'}}`` is logged after each prune. The hook is built lazily by ``restore``
+    (it needs the frozen base).
     """
-    n = len(run.train_arrays["inputs"])
+    n = len(run.train_arrays[run.inputs[0]])
     rows = np.sort(np.random.default_rng(run.seed).permutation(n)[:method.calib_samples])
     return _LazyHook(LosaOptions.from_method(method), run,
-                     jnp.asarray(run.train_arrays["inputs"][rows]))
+                     tuple(jnp.asarray(run.train_arrays[k][rows]) for k in run.inputs))
 
 
 class _LazyHook:
     """``LosaHook`` built from the frozen tree when the loop first hands it over (``restore``)."""
 
-    def __init__(self, opts: LosaOptions, run, calib_tokens):
-        self.opts, self.run, self.calib, self.hook = opts, run, calib_tokens, None
+    def __init__(self, opts: LosaOptions, run, calib_inputs):
+        self.opts, self.run, self.calib, self.hook = opts, run, calib_inputs, None
 
     def restore(self, step: int, frozen):
         r = self.run

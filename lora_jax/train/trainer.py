@@ -625,7 +625,7 @@ def _train(cfg, workdir, setup, sh, train_step, eval_step, loss_fn, loader, ckpt
                                      tasks)
     run = methods.Run(model=model, train_arrays=train_arrays, tasks=tuple(tasks),
                       steps=cfg.train.steps, seed=cfg.seed, workdir=workdir, evaluate=run_eval,
-                      log=log)
+                      log=log, inputs=setup.objective.inputs)
     callbacks = [c for c in (m.callback(run) for m in setup.methods) if c is not None]
     for c in callbacks:  # e.g. LoSA: masks change between segments
         frozen = c.restore(start, frozen)

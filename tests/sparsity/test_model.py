@@ -93,3 +93,30 @@ def test_scanned_stack_is_refused_with_a_fix():
     params = lj.transform._unbox(model.init(jax.random.key(0), tokens)["params"])
     with pytest.raises(ValueError, match="scan_layers=False"):
         sm.capture_blocks(model, params, tokens)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_packed_calibration_rows_keep_examples_apart(family):
+    """Rows of two packed examples (``segment_ids``, the data kind's second model input): every
+    block sees each example as if it were alone in its row, and the pruners' statistics equal
+    those of the examples unpacked, so the masks do too."""
+    model, params, tokens = _tiny(family)  # (8, 16): two examples of 8 tokens per row
+    seg = jnp.broadcast_to(jnp.where(jnp.arange(16) < 8, 1, 2), tokens.shape)
+    blocks, x0 = sm.capture_blocks(model, params, tokens, seg)
+    apart = jnp.concatenate([tokens[:, :8], tokens[:, 8:]])  # (16, 8)
+    blocks_apart, x0_apart = sm.capture_blocks(model, params, apart)
+    packed = sm.run_blocks(blocks, params, x0, batch_size=3)  # batches slice the side inputs too
+    alone = sm.run_blocks(blocks_apart, params, x0_apart, batch_size=3)
+    for p, a in zip(packed, alone):
+        np.testing.assert_allclose(jnp.concatenate([p[:, :8], p[:, 8:]]), a, atol=1e-4)
+    blocks_mixed, x0_mixed = sm.capture_blocks(model, params, tokens)
+    mixed = sm.run_blocks(blocks_mixed, params, x0_mixed)[-1]
+    assert not np.allclose(mixed[:, 8:], alone[-1][8:], atol=1e-3)  # without segment_ids
+
+    layouts = lj.trace_layouts(model, params, tokens[:1])
+    paths = [t.path for t in lj.select_targets(params, ("all-linear",), rank=1, alpha=1.0)]
+    _, masks, _ = sm.prune_blocks(blocks, params, x0, paths, layouts, [0.5] * 3, "wanda")
+    _, masks_apart, _ = sm.prune_blocks(blocks_apart, params, x0_apart, paths, layouts,
+                                        [0.5] * 3, "wanda")
+    for p in paths:
+        np.testing.assert_array_equal(masks[p], masks_apart[p])
