@@ -258,9 +258,11 @@ def run(cfg: ClipConfig, base_cfg: vision.VisionConfig) -> dict:
             trainable, opt_state, _ = step(trainable, opt_state, state,
                                            *class_groups(train, rng, cfg.groups, text.tokenize))
         enc = encoders(trainable, state)
-        print(f"seed {seed}: {cfg.steps} steps in {time.perf_counter() - t0:.0f} s", flush=True)
+        seconds = time.perf_counter() - t0
         for v, d in evals.items():
             after[v].append(zero_shot(*enc, d, text.tokenize))
+        print(f"seed {seed}: {cfg.steps} steps in {seconds:.0f} s; zero-shot "
+              f"{ {v: round(a[-1], 3) for v, a in after.items()} }", flush=True)
     per_tower = {k: lj.count_params(lj.split(adapters0)[0][k]) for k in ("image", "text")}
     per_tower["projections"] = sum(lj.count_params(lj.split(adapters0)[0][k])
                                    for k in ("image_proj", "text_proj"))
