@@ -258,6 +258,7 @@ def run(cfg: ClipConfig, base_cfg: vision.VisionConfig) -> dict:
             trainable, opt_state, _ = step(trainable, opt_state, state,
                                            *class_groups(train, rng, cfg.groups, text.tokenize))
         enc = encoders(trainable, state)
+        jax.block_until_ready(trainable)
         seconds = time.perf_counter() - t0
         for v, d in evals.items():
             after[v].append(zero_shot(*enc, d, text.tokenize))
