@@ -46,8 +46,8 @@ def test_dual_encoder_rules_give_one_adapter_set_per_tower():
     from experiments import vision_clip as vc
 
     cfg = vc.vit_config("tiny", num_classes=0)
-    model = vc.DualEncoder(cfg, vc.ViTConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32,
-                                             num_classes=0), embed_dim=8)
+    model = vc.DualEncoder(cfg, vc.TextTower(vc.ViTConfig(d_model=16, n_layers=1, n_heads=2,
+                                                          d_ff=32, num_classes=0)), embed_dim=8)
     example = (jnp.zeros((2, 8, 8, 1)), jnp.asarray(vc.tokenize(["a photo of the digit one",
                                                                  "two"])))
     params = nn.meta.unbox(model.init(jax.random.key(0), *example)["params"])
@@ -67,3 +67,62 @@ def test_dual_encoder_rules_give_one_adapter_set_per_tower():
     assert float(vc.info_nce(eye, eye, temperature=0.01)) < 1e-3
     same = jnp.ones((1, 4, 4)) / 2.0
     np.testing.assert_allclose(float(vc.info_nce(same, same)), np.log(4), rtol=1e-5)
+
+
+def test_minilm_text_side_loads_a_bert_checkpoint_and_aligns_one_step(tmp_path, monkeypatch):
+    """The MiniLM path on a tiny BERT folder the test writes (config, safetensors, WordPiece
+    tokenizer.json, sentence-transformers mean pooling): captions become [CLS] ... [SEP], the
+    loaded weights sit under `text`, the q/v rule selects BERT's kernels, one step trains."""
+    import json
+
+    import optax
+    from safetensors.numpy import save_file
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from experiments import vision_clip as vc
+    from tests.models.test_bert import HF, hf_weights
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", *sorted({w for c in vc.all_captions()
+                                                           for w in c.split()})]
+    hf = {**HF, "vocab_size": len(words)}
+    tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
+    weights = hf_weights(hf)
+    save_file(weights, str(tmp_path / "model.safetensors"))
+
+    with pytest.raises(ValueError, match="text='clip'"):
+        vc.text_side("clip", vc.ClipConfig.byte_tower)
+    assert isinstance(vc.text_side("bytes", vc.ClipConfig.byte_tower).module, vc.TextTower)
+    monkeypatch.setenv("LORA_JAX_MINILM_DIR", str(tmp_path))  # what `auto` looks at first
+    assert vc.minilm_dir() == str(tmp_path)
+    text = vc.text_side("auto", vc.ClipConfig.byte_tower)
+    assert text.name.startswith("all-MiniLM-L6-v2")
+    assert text.module.cfg.pooling == "mean" and text.module.cfg.d_model == hf["hidden_size"]
+    ids = text.tokenize(["a photo of the digit seven", "one"])
+    assert ids.shape == (2, 8)  # the longest caption (6 words) + [CLS] and [SEP]
+    assert list(ids[1]) == [2, words.index("one"), 3, 0, 0, 0, 0, 0]
+
+    model = vc.DualEncoder(vc.vit_config("tiny", num_classes=0), text.module, embed_dim=8)
+    rng = np.random.default_rng(0)
+    images, tokens = vc.class_groups({"images": rng.random((10, 8, 8, 1), np.float32),
+                                      "labels": np.arange(10)}, rng, 1, text.tokenize)
+    example = (jnp.asarray(images[0]), jnp.asarray(tokens[0]))
+    params = nn.meta.unbox(model.init(jax.random.key(0), *example)["params"])
+    params["text"] = text.params
+    np.testing.assert_array_equal(params["text"]["word_embeddings"]["embedding"],
+                                  weights["embeddings.word_embeddings.weight"])
+    spec = vc.lj.LoraSpec(targets=(vc.lj.Rule(r"text/.*self_attn/(q|v)_proj/kernel", rank=2),),
+                          modules_to_save=(r"text_proj/kernel",))
+    adapters = vc.lj.init_adapters(params, spec, jax.random.key(1),
+                                   layouts=vc.lj.trace_layouts(model, params, *example))
+    assert sorted(adapters["text"]) == ["layers_0", "layers_1"]
+    trainable, state = vc.lj.split(adapters)
+    loss = lambda t: vc.info_nce(*(z[None] for z in vc.lj.apply(
+        model, params, vc.lj.join(t, state), *example)))
+    value, grads = jax.value_and_grad(loss)(trainable)
+    updates, _ = optax.adam(1e-2).update(grads, optax.adam(1e-2).init(trainable), trainable)
+    assert float(loss(optax.apply_updates(trainable, updates))) < float(value)
