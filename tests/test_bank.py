@@ -221,24 +221,3 @@ def test_linear_is_pefts_weighted_sum_of_factors():
     np.testing.assert_allclose(_product(one, path), 0.25 * _product(a0, path), atol=1e-6)
     with pytest.raises(ValueError, match="equal ranks"):
         lj.combine([adapters[0], adapters[2]], (1.0, 1.0), how="linear")
-
-
-@pytest.mark.parametrize("name", ["toy"])
-def test_blocks_equal_the_same_ids_and_their_gradients(name):
-    """``adapter_ids=Blocks(n)`` (a batched sweep's contiguous blocks) computes what the gathered
-    ids ``repeat(arange(n), B/n)`` compute, forward and backward (embed, multi-axis DenseGeneral, permuted Einsum); the
-    batched-sweep test runs it on GPT-2."""
-    model, x, params, three = _case(name)
-    bank = lj.stack_adapters({str(i): a for i, a in enumerate(three)})
-    ids = jnp.repeat(jnp.arange(3), 2)
-    f = lambda b, i: jnp.sum(jnp.sin(lj.apply(model, params, b, x, adapter_ids=i)))
-    grad = jax.value_and_grad(f)
-    v1, g1 = jax.jit(lambda b: grad(b, bank_method.Blocks(3)))(bank)
-    v2, g2 = jax.jit(lambda b: grad(b, ids))(bank)
-    np.testing.assert_allclose(v1, v2, rtol=1e-5)
-    for p1, p2 in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
-        np.testing.assert_allclose(p1, p2, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="divisible by 4"):  # 6 rows
-        four = lj.stack_adapters({str(i): three[0] for i in range(4)})
-        jax.eval_shape(lambda b: lj.apply(model, params, b, x, adapter_ids=bank_method.Blocks(4)),
-                       four)

@@ -20,8 +20,6 @@ supported; conv kernels are not (use one adapter at a time there). A bank has no
 A scalar ``adapter_ids`` routes the whole batch to one slot: ``x A_i B_i`` as one matmul, no
 per-example gather. A batched sweep (lora_jax/train/batched.py) ``jax.vmap``s the forward pass
 over its points with the slot mapped, so each point's rows meet only its own factors.
-``adapter_ids=Blocks(n)`` says the batch is n equal contiguous blocks, block i on slot i: the
-same, vmapped over the blocks.
 """
 
 from __future__ import annotations
@@ -55,14 +53,6 @@ def per_example(spec: str) -> str:
     return f"{x},{x[0]}{k}->{y}"
 
 
-@dataclasses.dataclass(frozen=True)
-class Blocks:
-    """``adapter_ids`` for a batch of ``n`` equal contiguous blocks: rows [i·B/n, (i+1)·B/n) use
-    slot i (every row adapted). Equal to ``ids = jnp.repeat(jnp.arange(n), B // n)``."""
-
-    n: int
-
-
 def _slot_delta(x, a, b, layout: layers.Layout):
     """``x A B`` with one slot's factors (a: (*in, R), b: (R, *out)) for every row of x."""
     h = a[x] if layout.kind == "embed" else jnp.einsum(layout.xa, x, a.astype(x.dtype))
@@ -73,18 +63,6 @@ def _check_kind(layout: layers.Layout):
     if layout.kind not in ("dense", "embed"):
         raise ValueError(f"a bank supports dense and embedding layers, not {layout.kind!r} "
                          "kernels; apply conv adapters one at a time")
-
-
-def _blocked_delta(x, adapter: Adapter, n: int):
-    """``x_b A_i B_i`` for block i of x's batch axis, vmapped over the blocks (no gather)."""
-    a, b, layout = adapter.params["a"], adapter.params["b"], adapter.layout
-    if a.shape[0] != n or x.shape[0] % n:
-        raise ValueError(f"adapter_ids=Blocks({n}) needs a bank of {n} slots (got {a.shape[0]}) "
-                         f"and a batch divisible by {n} (got {x.shape[0]})")
-    _check_kind(layout)
-    y = jax.vmap(lambda xi, ai, bi: _slot_delta(xi, ai, bi, layout))(
-        x.reshape((n, -1) + x.shape[1:]), a, b)
-    return y.reshape((x.shape[0],) + y.shape[2:])
 
 
 def _check_ids(ids, batch: int, n_slots: int):
@@ -113,10 +91,8 @@ def _check_ids(ids, batch: int, n_slots: int):
 
 def delta(x, adapter: Adapter, ids):
     """``x_b A_{ids_b} B_{ids_b}`` for one layer (stacked axes already sliced off), zero where
-    ``ids_b == -1``; x has the batch axis first. ``ids`` may be a scalar (every row on that slot)
-    or ``Blocks(n)``."""
-    if isinstance(ids, Blocks):
-        return _blocked_delta(x, adapter, ids.n)
+    ``ids_b == -1``; x has the batch axis first. ``ids`` may be a scalar (every row on that
+    slot)."""
     a, b, layout = adapter.params["a"], adapter.params["b"], adapter.layout
     n_slots = a.shape[0]
     _check_ids(ids, x.shape[0], n_slots)
