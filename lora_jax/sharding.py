@@ -450,15 +450,27 @@ def put(tree, shardings_tree, *, may_alias: bool = False):
     double).
     """
     if jax.process_count() == 1:
-        if not may_alias:  # device_put(may_alias=False) still reuses x's buffer as the replica on
-            tree = jax.tree.map(lambda x: jnp.array(x, copy=True), tree)  # x's device (jax 0.10)
-        return jax.device_put(tree, shardings_tree, may_alias=True)
+        placed = jax.device_put(tree, shardings_tree, may_alias=may_alias)
+        if may_alias:
+            return placed
+        # device_put(may_alias=False) still reuses a one-device x's buffer as the replica on that
+        # device (jax 0.10): copy just those leaves, after placement (never a whole host array
+        # onto one device first).
+        return jax.tree.map(lambda x, y: jnp.array(y, copy=True) if _shares_buffers(x, y) else y,
+                            tree, placed)
 
     def one(x, s):
         host = np.asarray(x)
         return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
 
     return jax.tree.map(one, tree, shardings_tree)
+
+
+def _shares_buffers(x, y) -> bool:
+    if not isinstance(x, jax.Array):
+        return False
+    pointers = lambda a: {s.data.unsafe_buffer_pointer() for s in a.addressable_shards}
+    return bool(pointers(x) & pointers(y))
 
 
 def init_sharded(model: nn.Module, example, mesh, rules, seed: int = 0, *, unnamed="warn"):
