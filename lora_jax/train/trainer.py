@@ -2,8 +2,8 @@
 
 1. model, tokenizer and data (of ``data.kind``: ``lora_jax.data.kinds``; its loss and scores:
 ``steps.objective_for``); 2. base parameters (pretrained once and cached, loaded from a Hugging
-Face checkpoint, or freshly initialised), created in their shards on the mesh; 3. adapters (or the whole model for full fine-tuning),
-with a report of what trains; 4. a jitted step (gradients w.r.t. the trainable tree only); 5. the
+Face checkpoint, or freshly initialised), created in their shards on the mesh; 3. adapters (or
+the whole model for full fine-tuning), with a report of what trains; 4. a jitted step (gradients w.r.t. the trainable tree only); 5. the
 loop: step → metrics → eval → checkpoint, resumable from the workdir after any interruption
 (SIGTERM checkpoints and returns); 6. export and ``summary.json``. Flags live in
 ``experiments/train.py``; configs in ``configs/``.

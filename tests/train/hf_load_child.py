@@ -1,7 +1,8 @@
 """One process of test_sharded_birth's 2-process load: ``python -m tests.train.hf_load_child DIR
 HOST:PORT PROCESS_ID``. Joins the 2-process run, measures its resident memory, loads ``DIR`` with
 ``hf_sharded.load_hf_sharded`` under ``fsdp``, and prints one JSON line: the peak growth of its
-resident memory over the load, the bytes of its own shards, the largest tensor and the total."""
+resident memory over the load, the bytes of its own shards, the largest tensor and the total, and
+whether ``sharding.put`` kept and resharded a global array right."""
 
 import json
 import sys
@@ -20,6 +21,10 @@ def main(path: str, address: str, process_id: int) -> None:
 
     jax.distributed.initialize(address, num_processes=2, process_id=process_id,
                                initialization_timeout=60)
+    import numpy as np
+    from jax.experimental import multihost_utils
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
     from lora_jax import sharding
     from lora_jax.models import hf_sharded
     from lora_jax.train.config import MeshConfig
@@ -35,9 +40,17 @@ def main(path: str, address: str, process_id: int) -> None:
     peak = memory("VmHWM")
     leaves = jax.tree.leaves(params)
     local = sum(s.data.nbytes for x in leaves for s in x.addressable_shards)
+    # sharding.put on a global array: kept as is (may_alias) or resharded across processes.
+    kernel = params["h_0"]["mlp"]["c_fc"]["kernel"]
+    whole = sharding.put(kernel, NamedSharding(mesh, P()))
+    put_ok = (sharding.put(kernel, kernel.sharding, may_alias=True) is kernel
+              and whole.is_fully_replicated
+              and np.array_equal(np.asarray(whole.addressable_data(0)),
+                                 multihost_utils.process_allgather(kernel, tiled=True)))
     print(json.dumps({"peak_growth": peak - baseline, "local_bytes": local,
                       "largest_tensor": max(x.nbytes for x in leaves),
-                      "total_bytes": sum(x.nbytes for x in leaves)}), flush=True)
+                      "total_bytes": sum(x.nbytes for x in leaves), "put_ok": bool(put_ok)}),
+          flush=True)
     jax.distributed.shutdown()
 
 

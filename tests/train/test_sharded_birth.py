@@ -75,3 +75,4 @@ def test_two_processes_load_a_checkpoint_each_within_its_shards_and_one_tensor(t
         print(r)  # the figures in docs/scaling.md (pytest -s)
         assert r["local_bytes"] < 0.6 * r["total_bytes"]  # its half (plus the replicated rest)
         assert r["peak_growth"] < r["local_bytes"] + r["largest_tensor"] + SLACK, r
+        assert r["put_ok"]
