@@ -442,7 +442,8 @@ def check_batch(batch_size: int, mesh, what: str = "train.batch_size") -> None:
 
 
 def put(tree, shardings_tree, *, may_alias: bool = False):
-    """Places a tree that every process holds in full (same values) on the mesh.
+    """Places a tree on the mesh: host or one-device arrays that every process holds in full
+    (same values), or global arrays already on the mesh (resharded if their sharding differs).
 
     By default the result never aliases the caller's arrays: a donating step may then delete what
     ``put`` returns and the caller's tree stays usable. ``may_alias=True`` skips the copy of an
@@ -460,6 +461,10 @@ def put(tree, shardings_tree, *, may_alias: bool = False):
                             tree, placed)
 
     def one(x, s):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:  # already global: reshard
+            if may_alias and x.sharding.is_equivalent_to(s, x.ndim):
+                return x
+            return jax.jit(lambda v: jnp.array(v, copy=True), out_shardings=s)(x)
         host = np.asarray(x)
         return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
 

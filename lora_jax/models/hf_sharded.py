@@ -6,7 +6,8 @@ then every parameter is `jax.make_array_from_callback`, whose callback opens the
 lazily (`safe_open(...).get_slice`) and reads only the rows and columns of the shard asked for
 (plus, where a converter reshapes one HF axis into several of ours and a trailing one of those is
 sharded too, the rest of that HF range). A process therefore reads about the bytes of its own
-devices' shards, one tensor at a time. The key maps (names, shapes, transposes and reshapes) are
+devices' shards, one tensor at a time (each file is unmapped after every tensor, so the pages
+a strided read touched do not accumulate). The key maps (names, shapes, transposes and reshapes) are
 hf.py's; what lives here is only the slicing of a converted tensor back into HF coordinates.
 """
 
@@ -27,6 +28,8 @@ from lora_jax import sharding
 from lora_jax.models import hf
 from lora_jax.models.gpt2 import GPT2
 from lora_jax.models.llama import Llama
+
+SHARDED_FAMILIES = ("gpt2", "llama")
 
 
 def _files(path: str) -> dict[str, str]:
@@ -99,6 +102,19 @@ def _leading(ours, t_shape) -> set[int]:
     return out
 
 
+def hf_module(path: str, **config):
+    """The GPT-2 or Llama module of a Hugging Face directory, from its ``config.json`` alone (no
+    weights read); ``config``: ``scan_layers``, ``remat``, ``dtype``, ``param_dtype``."""
+    with open(os.path.join(path, "config.json")) as fh:
+        hf_cfg = json.load(fh)
+    family = hf_cfg.get("model_type")
+    if family not in SHARDED_FAMILIES:
+        raise ValueError(f"{path!r} is a {family!r} checkpoint; sharded loading knows "
+                         f"{SHARDED_FAMILIES} (load others whole with hf.load_hf_checkpoint)")
+    cfg = hf.config_from_hf(hf_cfg, **config)
+    return GPT2(cfg) if family == "gpt2" else Llama(cfg)
+
+
 def load_hf_sharded(path: str, mesh, rules, *, scan_layers: bool = False, remat: bool = False,
                     dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
     """``(module, params)`` like ``hf.load_hf_checkpoint``, each array created in its shards.
@@ -110,12 +126,9 @@ def load_hf_sharded(path: str, mesh, rules, *, scan_layers: bool = False, remat:
       The module and its params (nested dict of ``jax.Array``s sharded by the rules); no host
       reads more of a tensor than its own devices' shards need (see the module docstring).
     """
-    with open(os.path.join(path, "config.json")) as fh:
-        hf_cfg = json.load(fh)
-    cfg = hf.config_from_hf(hf_cfg, scan_layers=scan_layers, remat=remat, dtype=dtype,
-                            param_dtype=param_dtype)
-    family = hf_cfg["model_type"]
-    module = GPT2(cfg) if family == "gpt2" else Llama(cfg)
+    module = hf_module(path, scan_layers=scan_layers, remat=remat, dtype=dtype,
+                       param_dtype=param_dtype)
+    cfg, family = module.cfg, "gpt2" if isinstance(module, GPT2) else "llama"
     key_map = hf.gpt2_key_map(cfg) if family == "gpt2" else hf.llama_key_map(cfg)
     files = _files(path)
     stored = {k.removeprefix("transformer.") if family == "gpt2" else k: k for k in files}
@@ -137,7 +150,7 @@ def load_hf_sharded(path: str, mesh, rules, *, scan_layers: bool = False, remat:
             layer, our = int(our[0].rsplit("_", 1)[1]), (prefix, *our[1:])
         by_path.setdefault(our, []).append((layer, name, hf_shape, convert))
 
-    handles: dict[str, Any] = {}
+    handles: dict[str, Any] = {}  # open while one parameter is built, then closed (unmapped)
 
     def handle(file):
         if file not in handles:
@@ -172,4 +185,5 @@ def load_hf_sharded(path: str, mesh, rules, *, scan_layers: bool = False, remat:
             raise ValueError(f"parameter {'/'.join(our)} of {type(module).__name__} has no HF "
                              "tensor in the key map")
         hf._set_path(params, our, build(by_path[our], like, s))  # noqa: SLF001
+        handles.clear()  # the file's pages this tensor touched leave the process's memory
     return module, params

@@ -105,6 +105,7 @@ class TrainConfig:
     skip_nonfinite: bool = False  # skip a step with NaN/inf loss or gradients (else: stop)
     allow_data_change: bool = False  # resume even if a data file's content changed
     eval_generate: bool = False  # final eval also by real greedy decoding (accuracy_generated)
+    microbatches: int = 1  # gradient accumulation: each batch in this many slices (same loss)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -77,20 +77,24 @@ class Objective:
 
     ``inputs``: batch keys passed to the model, positionally, in order; ``loss(logits, batch) ->
     scalar`` (training); ``scores(logits, batch) -> (loss sum (B,), weight (B,), correct (B,))``
-    (evaluation: loss = Σ loss sum / Σ weight, accuracy = mean of correct).
+    (evaluation: loss = Σ loss sum / Σ weight, accuracy = mean of correct); ``weight(batch) ->
+    scalar``: how many terms ``loss`` averages over (gradient accumulation weighs microbatches
+    by it; None: the batch's rows).
     """
 
     inputs: tuple[str, ...]
     loss: Callable
     scores: Callable
+    weight: Callable | None = None
 
     def model_inputs(self, batch) -> tuple:
         """The model's positional inputs from a batch dict."""
         return tuple(batch[k] for k in self.inputs)
 
 
-_OBJECTIVES = {"lm": (lambda logits, batch: token_loss(logits, batch)[0], token_scores),
-               "classify": (class_loss, class_scores)}
+_OBJECTIVES = {"lm": (lambda logits, batch: token_loss(logits, batch)[0], token_scores,
+                      lambda batch: jnp.sum(batch["loss_mask"])),
+               "classify": (class_loss, class_scores, None)}
 
 
 def objective_for(kind: str) -> Objective:
@@ -102,9 +106,57 @@ def objective_for(kind: str) -> Objective:
 LM = objective_for("tasks")
 
 
+def _rows(batch):
+    return jnp.float32(jax.tree.leaves(batch)[0].shape[0])
+
+
+def accumulated(loss_fn: Callable, microbatches: int, weight: Callable | None = None,
+                batch_sharding=None) -> Callable:
+    """``value_and_grad(loss_fn)`` over a batch taken in ``microbatches`` slices, one at a time.
+
+    The loss and gradients are the slices' means weighted by ``weight(slice)`` (default: its
+    rows), Σ wᵢ·lossᵢ / Σ wᵢ: exactly the whole batch's when ``loss_fn`` is a mean over the terms
+    ``weight`` counts (the token loss, Σ ce·mask / Σ mask, with ``weight`` = Σ mask), and a
+    batch-independent term (a regulariser) passes through unchanged. Slice i holds rows i, i+k,
+    i+2k, ... (k = microbatches), so under a sharded batch every device keeps its own rows;
+    ``rng`` is folded with i (dropout masks differ from the one-batch step's). Memory: one slice's
+    activations plus one float32 gradient accumulator.
+    """
+    grad_fn = jax.value_and_grad(loss_fn)
+    if microbatches == 1:
+        return grad_fn
+    weight = weight or _rows
+
+    def fn(trainable, frozen, batch, rng):
+        def split(x):  # (B, ...) -> (k, B/k, ...): slice i = rows i, i+k, ...
+            return jnp.swapaxes(x.reshape(-1, microbatches, *x.shape[1:]), 0, 1)
+
+        def body(carry, xs):
+            i, micro = xs
+            if batch_sharding is not None:
+                micro = jax.lax.with_sharding_constraint(micro, batch_sharding)
+            r = None if rng is None else jax.random.fold_in(rng, i)
+            loss, grads = grad_fn(trainable, frozen, micro, r)
+            w = jnp.asarray(weight(micro), jnp.float32)
+            total, wsum, acc = carry
+            acc = jax.tree.map(lambda a, g: a + w * g.astype(jnp.float32), acc, grads)
+            return (total + w * loss, wsum + w, acc), None
+
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
+        init = (jnp.float32(0), jnp.float32(0), zeros)
+        xs = (jnp.arange(microbatches), jax.tree.map(split, batch))
+        (total, wsum, acc), _ = jax.lax.scan(body, init, xs)
+        wsum = jnp.where(wsum > 0, wsum, 1.0)
+        grads = jax.tree.map(lambda a, x: (a / wsum).astype(x.dtype), acc, trainable)
+        return total / wsum, grads
+
+    return fn
+
+
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
                     shardings: sharding.TrainShardings | None = None, *,
-                    guard_nonfinite: bool = False) -> Callable:
+                    guard_nonfinite: bool = False, microbatches: int = 1,
+                    weight: Callable | None = None) -> Callable:
     """``step(trainable, opt_state, frozen, batch, rng) -> (trainable, opt_state, metrics)``.
 
     Args:
@@ -116,13 +168,19 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
       guard_nonfinite: if True, a step whose loss, gradient norm or update norm is NaN/inf
         returns ``trainable`` and ``opt_state`` unchanged (as ``optax.apply_if_finite`` does, but
         without changing the optimizer state's structure, so checkpoints stay compatible).
+      microbatches: gradient accumulation: the batch (B rows, B divisible by it) is taken in
+        this many slices, one at a time; ``weight(batch) -> scalar`` weighs them (the number of
+        terms ``loss_fn`` averages over; default the rows). See ``accumulated``.
     Returns:
       The jitted step; ``metrics`` is ``{'loss', 'grad_norm', 'finite'}`` (replicated scalars;
       ``finite`` is a bool). Trainable arrays and optimizer state are donated.
     """
 
+    grad_fn = accumulated(loss_fn, microbatches, weight,
+                          None if shardings is None else shardings.batch)
+
     def step(trainable, opt_state, frozen, batch, rng):
-        loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, batch, rng)
+        loss, grads = grad_fn(trainable, frozen, batch, rng)
         updates, new_opt_state = tx.update(grads, opt_state, trainable)
         grad_norm = optax.global_norm(grads)
         finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)

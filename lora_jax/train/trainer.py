@@ -2,8 +2,8 @@
 
 1. model, tokenizer and data (of ``data.kind``: ``lora_jax.data.kinds``; its loss and scores:
 ``steps.objective_for``); 2. base parameters (pretrained once and cached, loaded from a Hugging
-Face checkpoint, or freshly initialised); 3. adapters (or the whole model for full fine-tuning),
-with a report of what trains; 4. a jitted step (gradients w.r.t. the trainable tree only); 5. the
+Face checkpoint, or freshly initialised), created in their shards on the mesh; 3. adapters (or
+the whole model for full fine-tuning), with a report of what trains; 4. a jitted step (gradients w.r.t. the trainable tree only); 5. the
 loop: step → metrics → eval → checkpoint, resumable from the workdir after any interruption
 (SIGTERM checkpoints and returns); 6. export and ``summary.json``. Flags live in
 ``experiments/train.py``; configs in ``configs/``.
@@ -29,6 +29,7 @@ import optax
 import lora_jax as lj
 from lora_jax import data as D
 from lora_jax import distributed, io, methods, models, sharding
+from lora_jax.models import hf_sharded
 from jax.experimental import multihost_utils
 
 from lora_jax.train import checkpoint
@@ -58,12 +59,21 @@ def _overrides(text: str) -> dict[str, Any]:
     return out
 
 
-def build_model(mc: ModelConfig, vocab_size: int | None):
+def build_model(mc: ModelConfig, vocab_size: int | None, *, weights: bool = True):
     """``(module, model_config, params_or_None)``; params only for a Hugging Face checkpoint.
 
-    ``vocab_size``: the tokenizer's, or None for data without tokens (images).
+    ``vocab_size``: the tokenizer's, or None for data without tokens (images). ``weights=False``:
+    a GPT-2 or Llama checkpoint's module is built from its config.json alone and its params are
+    None (``base_params`` then reads them straight into their shards); other families (BERT)
+    are still loaded whole.
     """
     dtypes = dict(dtype=jnp.dtype(mc.dtype), param_dtype=jnp.dtype(mc.param_dtype))
+    if mc.hf_path and not weights and _hf_family(mc.hf_path) in hf_sharded.SHARDED_FAMILIES:
+        module = hf_sharded.hf_module(mc.hf_path, scan_layers=mc.scan_layers, remat=mc.remat,
+                                      **dtypes)
+        module = module.clone(cfg=dataclasses.replace(module.cfg, remat_policy=mc.remat_policy))
+        _check_vocab(module.cfg, vocab_size, mc)
+        return module, module.cfg, None
     if mc.hf_path:
         module, params = models.load_hf_checkpoint(mc.hf_path, scan_layers=mc.scan_layers,
                                                    remat=mc.remat, **dtypes,
@@ -77,6 +87,11 @@ def build_model(mc: ModelConfig, vocab_size: int | None):
                                    **_overrides(mc.overrides))
     _check_vocab(cfg, vocab_size, mc)
     return module, cfg, None
+
+
+def _hf_family(path: str) -> str | None:
+    return io.read_json(Path(path) / "config.json", "model.hf_path must be a Hugging Face "
+                        "model directory").get("model_type")
 
 
 def _family_args(mc: ModelConfig) -> dict:
@@ -168,19 +183,39 @@ def pretrain_experiment(cfg: Experiment) -> Experiment:
     )
 
 
-def base_params(cfg: Experiment, model, hf_params, example):
+def base_params(cfg: Experiment, model, hf_params, example, *, mesh=None):
     """The frozen base: HF checkpoint, fresh init, or the cached pretrained model.
+
+    With ``mesh`` (``sharding.make_mesh(cfg.mesh)``) the base is created in its shards, by
+    ``cfg.mesh``'s rules: an init by ``sharding.init_sharded`` (a jitted init whose outputs are
+    sharded), a GPT-2/Llama checkpoint that ``build_model(weights=False)`` did not read
+    (``hf_params`` None) by ``hf_sharded.load_hf_sharded`` (each host reads its shards' bytes), a
+    loaded one (BERT) or the cached pretrained base placed by ``sharding.put``. Without it: one
+    device's arrays (what the callers that place trees themselves expect).
 
     Pretraining holds a lock on the cache folder (``WorkdirLock(name='base', wait=True)``): a
     second process that needs the same uncached base waits for the first, logging its pid, then
     loads the cached base. None if SIGTERM interrupted the pretraining (it resumes on the next
     run; a waiting process then pretrains it itself).
     """
+    rules = None if mesh is None else sharding.logical_rules(cfg.mesh)
+    place = lambda p: p if mesh is None else sharding.put(
+        p, sharding.base_shardings(sharding.param_logical_specs(model, example), mesh, rules, p),
+        may_alias=True)
     if cfg.base.source == "hf":
-        if hf_params is None:
+        if not cfg.model.hf_path:
             raise ValueError("base.source='hf' needs model.hf_path")
-        return hf_params
+        if hf_params is not None:
+            return place(hf_params)
+        mc = cfg.model
+        args = dict(scan_layers=mc.scan_layers, remat=mc.remat, dtype=jnp.dtype(mc.dtype),
+                    param_dtype=jnp.dtype(mc.param_dtype))
+        if mesh is None:
+            return models.load_hf_checkpoint(mc.hf_path, **args)[1]
+        return hf_sharded.load_hf_sharded(mc.hf_path, mesh, rules, **args)[1]
     if cfg.base.source == "init":
+        if mesh is not None:
+            return sharding.init_sharded(model, example, mesh, rules, cfg.base.seed)
         return jax.jit(lambda k: lj.transform._unbox(model.init(k, example)["params"]))(
             jax.random.key(cfg.base.seed))
     if cfg.base.source != "pretrain":
@@ -191,7 +226,7 @@ def base_params(cfg: Experiment, model, hf_params, example):
     path = workdir / "params.msgpack"
     if path.exists():
         log(f"base model: cached at {workdir}")
-        return io.load_params(path)
+        return place(io.load_params(path))
     # One process pretrains into the cache; another that needs the same base waits, then loads it.
     with wd.WorkdirLock(workdir, jax.process_index(), name="base", wait=True,
                         log=lambda m: log(f"base model: {m} while it pretrains this base; "
@@ -203,7 +238,7 @@ def base_params(cfg: Experiment, model, hf_params, example):
                 f"({pre.train.steps} steps; cached at {workdir})")
             if train_and_evaluate(pre, workdir).get("interrupted"):
                 return None
-    return io.load_params(path)
+    return place(io.load_params(path))
 
 
 def quantize_base(cfg: Experiment, model, params, example):
@@ -308,12 +343,19 @@ def full_setup(cfg: Experiment, model, params) -> Setup:
                  lr=make_schedule(cfg.optim, cfg.train.steps))
 
 
-def adapter_setup(cfg: Experiment, model, params, example) -> Setup:
-    """Adapters of ``cfg.method`` on the frozen base: init, the method's base transform (PiSSA's
-    residual), the split into trainable arrays and frozen state, the method's optimizer."""
+def adapter_setup(cfg: Experiment, model, params, example, mesh=None) -> Setup:
+    """Adapters of ``cfg.method`` on the frozen base: init (in their shards on ``mesh``), the
+    method's base transform (PiSSA's residual), the split into trainable arrays and frozen state,
+    the method's optimizer."""
     spec = adapter_spec(cfg)
     layouts = lj.trace_layouts(model, params, example)
-    adapters = lj.init_adapters(params, spec, jax.random.key(cfg.seed + 1), layouts=layouts)
+    key = jax.random.key(cfg.seed + 1)
+    if mesh is None:
+        adapters = lj.init_adapters(params, spec, key, layouts=layouts)
+    else:
+        adapters, _ = sharding.init_adapters_sharded(
+            params, spec, key, sharding.param_logical_specs(model, example), mesh,
+            sharding.logical_rules(cfg.mesh), layouts=layouts)
     params, adapters = lj.transform_base(params, adapters)
     trainable, state = lj.split(adapters)
     tx = clipped(cfg.optim, lj.adapter_optimizer(make_optimizer(cfg.optim, cfg.train.steps),
@@ -335,9 +377,10 @@ def adapter_setup(cfg: Experiment, model, params, example) -> Setup:
                  tuple(methods.methods_of(adapters)), make_schedule(cfg.optim, cfg.train.steps))
 
 
-def make_setup(cfg: Experiment, model, params, example) -> Setup:
+def make_setup(cfg: Experiment, model, params, example, mesh=None) -> Setup:
+    """The run's ``Setup``; with ``mesh`` the adapters are created in their shards."""
     setup = (full_setup(cfg, model, params) if cfg.full_finetune
-             else adapter_setup(cfg, model, params, example))
+             else adapter_setup(cfg, model, params, example, mesh))
     return dataclasses.replace(setup, objective=objective_for(cfg.data.kind))
 
 
@@ -355,18 +398,25 @@ def make_loss(setup: Setup, sh: sharding.TrainShardings | None = None) -> Callab
     return loss_fn
 
 
-def make_steps(setup: Setup, sh: sharding.TrainShardings | None = None):
+def make_steps(setup: Setup, sh: sharding.TrainShardings | None = None, microbatches: int = 1):
     """The jitted train and eval steps of a ``Setup``; the train step leaves the state unchanged
-    on a non-finite step (``metrics['finite']`` is False then)."""
+    on a non-finite step (``metrics['finite']`` is False then) and accumulates gradients over
+    ``microbatches`` slices of each batch (``steps.make_train_step``)."""
     forward = setup.forward if sh is None else sharding.batch_sharded(setup.forward, sh.mesh)
-    return (make_train_step(make_loss(setup, sh), setup.tx, sh, guard_nonfinite=True),
+    return (make_train_step(make_loss(setup, sh), setup.tx, sh, guard_nonfinite=True,
+                            microbatches=microbatches, weight=setup.objective.weight),
             make_eval_step(forward, sh, setup.objective))
 
 
-def shard_setup(cfg: Experiment, model, example, setup: Setup) -> sharding.TrainShardings:
-    """The mesh of ``cfg.mesh`` and the shardings of the step's arguments (lora_jax.sharding)."""
-    mesh = sharding.make_mesh(cfg.mesh)
+def shard_setup(cfg: Experiment, model, example, setup: Setup,
+                mesh=None) -> sharding.TrainShardings:
+    """The shardings of the step's arguments (lora_jax.sharding) on ``mesh`` (default: the mesh
+    of ``cfg.mesh``)."""
+    mesh = sharding.make_mesh(cfg.mesh) if mesh is None else mesh
     sharding.check_batch(cfg.train.batch_size, mesh)
+    if cfg.train.microbatches > 1:
+        sharding.check_batch(cfg.train.batch_size // cfg.train.microbatches, mesh,
+                             "train.batch_size / train.microbatches")
     sharding.check_batch(cfg.train.eval_batch_size, mesh, "train.eval_batch_size")
     specs = sharding.param_logical_specs(model, example)
     log(f"mesh {dict(mesh.shape)} (preset {cfg.mesh.preset!r}) over {jax.process_count()} "
@@ -380,6 +430,26 @@ def shard_setup(cfg: Experiment, model, example, setup: Setup) -> sharding.Train
         sharding.check_sharded(sh.opt_state, jax.eval_shape(setup.tx.init, setup.trainable),
                                limit)
     return sh
+
+
+def prepare(cfg: Experiment, model, hf_params, example):
+    """``(setup, sh)``: the base, the adapters and their shardings, every tree born in its shards
+    on ``cfg.mesh`` (``base_params(mesh=)``, ``make_setup(mesh=)``); None if SIGTERM interrupted
+    the start-up. ``setup.trainable`` and ``setup.frozen`` are the placed trees themselves
+    (``sharding.put(may_alias=True)``: nothing is copied, and no unplaced copy stays alive once
+    the caller drops ``hf_params``); the train step donates ``setup.trainable``.
+    """
+    mesh = sharding.make_mesh(cfg.mesh)
+    params = base_params(cfg, model, hf_params, example, mesh=mesh)
+    if params is None or PREEMPTION.requested_anywhere():
+        return None
+    params = quantize_base(cfg, model, params, example)
+    setup = make_setup(cfg, model, params, example, mesh)
+    del params  # the setup holds the base (transformed by the method, e.g. PiSSA's residual)
+    sh = shard_setup(cfg, model, example, setup, mesh)
+    trainable, frozen = sharding.put((setup.trainable, setup.frozen), (sh.trainable, sh.frozen),
+                                     may_alias=True)
+    return dataclasses.replace(setup, trainable=trainable, frozen=frozen), sh
 
 
 def validate(cfg: Experiment) -> None:
@@ -405,9 +475,12 @@ def validate(cfg: Experiment) -> None:
     make_optimizer(cfg.optim, cfg.train.steps)
     t = cfg.train
     for name in ("steps", "batch_size", "eval_every", "eval_batch_size", "log_every",
-                 "checkpoint_every", "keep_checkpoints"):
+                 "checkpoint_every", "keep_checkpoints", "microbatches"):
         if getattr(t, name) < 1:
             raise ValueError(f"train.{name} must be >= 1, got {getattr(t, name)}")
+    if t.batch_size % t.microbatches:
+        raise ValueError(f"train.batch_size={t.batch_size} does not split into "
+                         f"train.microbatches={t.microbatches} equal slices; use a divisor")
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -471,7 +544,7 @@ class NonFiniteError(RuntimeError):
 
 RUNTIME_FIELDS = ("eval_every", "eval_batch_size", "log_every", "checkpoint_every",
                   "keep_checkpoints", "async_checkpoints", "skip_nonfinite", "allow_data_change",
-                  "eval_generate")
+                  "eval_generate", "microbatches")
 
 
 def run_identity(cfg: Experiment) -> dict:
@@ -590,16 +663,15 @@ def _run(cfg: Experiment, workdir: Path) -> dict:
         log(line)
     kind = D.get_kind(cfg.data.kind)
     tokenizer = kind.tokenizer(cfg.data)
-    model, model_cfg, hf_params = build_model(cfg.model, D.vocab_size(tokenizer))
+    model, _, hf_params = build_model(cfg.model, D.vocab_size(tokenizer), weights=False)
     train_arrays, eval_arrays, tasks = load_data(cfg.data, tokenizer)
     example = jnp.asarray(kind.example(cfg.data))
-    params = base_params(cfg, model, hf_params, example)
-    if params is None or PREEMPTION.requested_anywhere():
+    prepared = prepare(cfg, model, hf_params, example)
+    del hf_params  # a base loaded whole (BERT) now lives only in its shards
+    if prepared is None:
         return _interrupted(workdir, 0, "during start-up")
-    params = quantize_base(cfg, model, params, example)
-    setup = make_setup(cfg, model, params, example)
-    sh = shard_setup(cfg, model, example, setup)
-    train_step, eval_step = make_steps(setup, sh)
+    setup, sh = prepared
+    train_step, eval_step = make_steps(setup, sh, cfg.train.microbatches)
     loss_fn = make_loss(setup, sh)
     loader = D.ArrayLoader(train_arrays, cfg.train.batch_size, seed=cfg.seed,
                            process_index=jax.process_index(), process_count=jax.process_count())
@@ -618,7 +690,7 @@ def _run(cfg: Experiment, workdir: Path) -> dict:
 def _train(cfg, workdir, setup, sh, train_step, eval_step, loss_fn, loader, ckpts, metrics,
            train_arrays, eval_arrays, tasks, model) -> dict:
     """Restore, base eval, the loop, the final eval, export and summary (``_run``'s second half)."""
-    trainable, frozen = sharding.put((setup.trainable, setup.frozen), (sh.trainable, sh.frozen))
+    trainable, frozen = setup.trainable, setup.frozen  # placed by prepare
     opt_state = jax.jit(setup.tx.init, out_shardings=sh.opt_state)(trainable)
     start, (trainable, opt_state) = ckpts.restore_latest((trainable, opt_state))
     run_eval = lambda t, f: evaluate(eval_step, t, f, eval_arrays, cfg.train.eval_batch_size,
