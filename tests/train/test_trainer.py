@@ -34,8 +34,10 @@ CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py")
 
 def tiny(cfg: Experiment, steps: int = 2) -> Experiment:
     """Shrinks any experiment to a few seconds: a 2-layer d=32 model from a random init, wider
-    when the adapter rank needs it (rank <= min(d_in, d_out) of every adapted kernel). The
-    encoder families (bert, vit) keep their config's overrides (the head) on the tiny preset."""
+    when the adapter rank needs it (rank <= min(d_in, d_out) of every adapted kernel), on one
+    device (the 8-device meshes are tests/test_sharding.py's and test_conformance.py's: a tiny
+    run compiles and steps a fifth faster unpartitioned). The encoder families (bert, vit) keep
+    their config's overrides (the head) on the tiny preset."""
     overrides = TINY_OVERRIDES.get(cfg.model.family, cfg.model.overrides)
     width = _width(cfg)
     if width > 32 and cfg.model.family in TINY_OVERRIDES:
@@ -45,6 +47,7 @@ def tiny(cfg: Experiment, steps: int = 2) -> Experiment:
         cfg,
         model=dataclasses.replace(cfg.model, preset="tiny", overrides=overrides, hf_path=""),
         base=dataclasses.replace(cfg.base, source="init"),
+        mesh=dataclasses.replace(cfg.mesh, num_devices=1),
         data=dataclasses.replace(cfg.data, n_train_per_task=16, n_eval_per_task=8, seq_len=24),
         train=dataclasses.replace(cfg.train, steps=steps, batch_size=8, eval_every=1000,
                                   log_every=1, checkpoint_every=1000, eval_batch_size=16),
