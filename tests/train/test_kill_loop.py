@@ -1,22 +1,24 @@
-"""A run survives SIGKILLs at random moments: >= 10 kills of ``python -m experiments.train`` on a
-tiny config (start-up, steps, checkpoint saves with rotation, the final window), then a rerun
-to completion gives bitwise the losses of an uninterrupted run and a valid summary.json."""
+"""A run survives SIGKILLs at random moments: >= 10 kills of ``experiments.train`` processes on
+a tiny config (start-up, steps, checkpoint saves with rotation, the final window), then a rerun
+to completion gives bitwise the losses of an uninterrupted run and a valid summary.json.
+
+Every run is ``python -m experiments.train`` forked from a forkserver that has imported the
+modules once (``tests/train/train_child.py``): a kill lands in a real process of the trainer,
+and a restart costs a fork, not an interpreter start and the imports (a third of a run's CPU)."""
 
 import json
+import multiprocessing
 import random
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.procs import child_env
+from tests.train import train_child
 from tests.train.test_trainer import TINY_MODEL
 
-ROOT = Path(__file__).resolve().parents[2]
-ARGS = [sys.executable, "-m", "experiments.train", "--config=configs/lora.py:steps=24",
+ARGS = ["--config=configs/lora.py:steps=24",
         "--config.base.source=init", f"--config.model.overrides={TINY_MODEL}",
         "--config.data.n_train_per_task=16", "--config.data.n_eval_per_task=8",
         "--config.train.batch_size=8", "--config.train.log_every=1",
@@ -37,30 +39,42 @@ def _losses(workdir) -> dict:
 
 @pytest.mark.slow
 def test_ten_sigkills_at_random_moments_then_bitwise_equal_losses(tmp_path):
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(train_child.PRELOAD)  # if this worker's forkserver is not up yet
+    log = tmp_path / "runs.log"
+
+    def start(workdir):
+        proc = ctx.Process(target=train_child.run,
+                           args=(ARGS + [f"--workdir={workdir}"], ENV, str(log)))
+        proc.start()
+        return proc
+
+    def complete(workdir):
+        proc = start(workdir)
+        proc.join(300)
+        assert proc.exitcode == 0, log.read_text()[-3000:]
+
     straight = tmp_path / "straight"
+    complete(straight)  # compiles; the runs after it load the programs from the cache
     t0 = time.time()
-    subprocess.run(ARGS + [f"--workdir={straight}"], cwd=ROOT, env=ENV, check=True,
-                   capture_output=True, timeout=300)
+    complete(tmp_path / "killed0")  # uninterrupted too: the kills are timed by its length
     full = time.time() - t0
     rng = random.Random(0)
     kills, runs = 0, [tmp_path / "killed0"]
     for attempt in range(40):
         if (runs[-1] / "summary.json").exists():  # finished between kills: kill a fresh run
             runs.append(tmp_path / f"killed{len(runs)}")
-        proc = subprocess.Popen(ARGS + [f"--workdir={runs[-1]}"], cwd=ROOT, env=ENV,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = start(runs[-1])
         # Half the kills land late (saves near the end and the final window), half anywhere.
-        time.sleep(full * (rng.uniform(0.5, 1.1) if attempt % 2 else rng.uniform(0.0, 1.0)))
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
+        proc.join(full * (rng.uniform(0.5, 1.1) if attempt % 2 else rng.uniform(0.0, 1.0)))
+        if proc.exitcode is None:
+            proc.kill()
             kills += 1
-        proc.wait(timeout=60)
+        proc.join(60)
         if kills >= 10:
             break
     assert kills >= 10
-    done = subprocess.run(ARGS + [f"--workdir={runs[-1]}"], cwd=ROOT, env=ENV,
-                          capture_output=True, timeout=300)
-    assert done.returncode == 0, done.stdout.decode()[-3000:] + done.stderr.decode()[-3000:]
+    complete(runs[-1])
     a = json.loads((straight / "summary.json").read_text())
     for killed in runs:
         assert _losses(killed) == _losses(straight) and len(_losses(straight)) == 24, killed
