@@ -3,6 +3,7 @@ give the same losses as 1 process of 8 devices; checkpoints move between the two
 coordinator fails fast with a clear message. Every test starts fresh Python processes."""
 
 import json
+import multiprocessing
 import shutil
 import socket
 import subprocess
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from tests.procs import child_env
+from tests.train import train_child
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "d_model=32,n_layers=2,n_head=2,n_positions=32,vocab_size=320"
@@ -37,24 +39,43 @@ def _env(devices: int) -> dict:
     return child_env(devices)
 
 
-def _train(workdir, processes: int, extra=(), timeout=600):
-    """Runs experiments.train in ``processes`` processes (8 devices in all); returns outputs."""
-    cmd = [sys.executable, "-m", "experiments.train", f"--workdir={workdir}", *ARGS, *extra]
+def launch(workdir, processes: int, extra=()) -> tuple[list, list]:
+    """Starts experiments.train in ``processes`` processes (8 devices in all), forked from a
+    forkserver that imported the modules once (``tests/train/train_child.py``); returns the
+    processes and their log files."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(train_child.PRELOAD)  # if this worker's forkserver is not up yet
+    args = [f"--workdir={workdir}", *ARGS, *extra]
     if processes == 1:
-        procs = [subprocess.Popen(cmd, cwd=ROOT, env=_env(8), stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT)]
+        runs = [(args, _env(8))]
     else:
         address = f"127.0.0.1:{_free_port()}"
-        procs = [subprocess.Popen(cmd + [f"--config.mesh.coordinator_address={address}",
-                                         f"--config.mesh.num_processes={processes}",
-                                         f"--config.mesh.process_id={i}",
-                                         "--config.mesh.init_timeout_s=120"],
-                                  cwd=ROOT, env=_env(8 // processes), stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT) for i in range(processes)]
-    outs = [p.communicate(timeout=timeout)[0].decode() for p in procs]
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-4000:]
+        runs = [(args + [f"--config.mesh.coordinator_address={address}",
+                         f"--config.mesh.num_processes={processes}",
+                         f"--config.mesh.process_id={i}", "--config.mesh.init_timeout_s=120"],
+                 _env(8 // processes)) for i in range(processes)]
+    logs = [Path(f"{workdir}.{time.time_ns()}.{i}.log") for i in range(processes)]
+    procs = [ctx.Process(target=train_child.run, args=(a, env, str(log)))
+             for (a, env), log in zip(runs, logs)]
+    for proc in procs:
+        proc.start()
+    return procs, logs
+
+
+def finish(procs, logs, timeout=600) -> list[str]:
+    """Waits for ``launch``'s processes; asserts each exited 0; returns their outputs."""
+    for proc in procs:
+        proc.join(timeout)
+        if proc.exitcode is None:
+            proc.kill()
+    outs = [log.read_text() if log.exists() else "" for log in logs]
+    for proc, out in zip(procs, outs):
+        assert proc.exitcode == 0, f"exit code {proc.exitcode}\n{out[-4000:]}"
     return outs
+
+
+def _train(workdir, processes: int, extra=()) -> list[str]:
+    return finish(*launch(workdir, processes, extra))
 
 
 def _losses(workdir) -> dict:

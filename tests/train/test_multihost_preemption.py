@@ -2,43 +2,25 @@
 preemption sync point), with exit 0, and a rerun of both completes the run."""
 
 import re
-import signal
-import subprocess
-import sys
+import time
 
 import pytest
 
-from tests.test_multihost import ARGS, ROOT, _env, _free_port, _losses
-
-
-def _launch(workdir, address, steps):
-    cmd = [sys.executable, "-m", "experiments.train", f"--workdir={workdir}", *ARGS,
-           f"--config.train.steps={steps}", "--config.train.checkpoint_every=1000",
-           f"--config.mesh.coordinator_address={address}", "--config.mesh.num_processes=2",
-           "--config.mesh.init_timeout_s=120"]
-    return [subprocess.Popen(cmd + [f"--config.mesh.process_id={i}"], cwd=ROOT, env=_env(4),
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+from tests.test_multihost import _losses, finish, launch
 
 
 @pytest.mark.slow
 def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
-    procs = _launch(tmp_path, f"127.0.0.1:{_free_port()}", steps=40)
-    seen = []
-    for line in iter(procs[1].stdout.readline, b""):
-        seen.append(line.decode())
-        if re.match(r"step 3/", seen[-1]):
-            break
-    procs[1].send_signal(signal.SIGTERM)  # process 1 only
-    outs = [p.communicate(timeout=300)[0].decode() for p in procs]
-    outs[1] = "".join(seen) + outs[1]
-    stops = []
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-3000:]
-        stops.append(int(re.search(r"SIGTERM: checkpointed step (\d+)", out).group(1)))
+    extra = ["--config.train.steps=40", "--config.train.checkpoint_every=1000"]
+    procs, logs = launch(tmp_path, 2, extra)
+    deadline = time.time() + 300
+    while not (logs[1].exists() and re.search(r"^step 3/", logs[1].read_text(), re.M)):
+        assert time.time() < deadline and procs[1].exitcode is None, "process 1 did not reach step 3"
+        time.sleep(0.05)
+    procs[1].terminate()  # SIGTERM, to process 1 only
+    outs = finish(procs, logs, timeout=300)
+    stops = [int(re.search(r"SIGTERM: checkpointed step (\d+)", out).group(1)) for out in outs]
     assert stops[0] == stops[1] >= 3
-    procs = _launch(tmp_path, f"127.0.0.1:{_free_port()}", steps=40)
-    for p in procs:
-        out = p.communicate(timeout=600)[0].decode()
-        assert p.returncode == 0, out[-3000:]
+    for out in finish(*launch(tmp_path, 2, extra)):
         assert f"resuming from step {stops[0]}" in out
     assert sorted(_losses(tmp_path))[-1] == 40
