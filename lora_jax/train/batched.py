@@ -378,10 +378,11 @@ def _run_group(cfgs, workdirs, log) -> list[dict]:
     if not todo:
         return summaries
     cfg0 = cfgs[todo[0]]
-    tokenizer = D.get_tokenizer(cfg0.data.tokenizer)
-    model, _, hf_params = trainer.build_model(cfg0.model, tokenizer.vocab_size)
+    kind = D.get_kind(cfg0.data.kind)
+    tokenizer = kind.tokenizer(cfg0.data)
+    model, _, hf_params = trainer.build_model(cfg0.model, D.vocab_size(tokenizer))
     train_arrays, eval_arrays, tasks = trainer.load_data(cfg0.data, tokenizer)
-    example = jnp.zeros((1, cfg0.data.seq_len), jnp.int32)
+    example = jnp.asarray(kind.example(cfg0.data))
     params = trainer.base_params(cfg0, model, hf_params, example)
     params = trainer.quantize_base(cfg0, model, params, example)
     pts = [_point(cfgs[i], workdirs[i], model, params, example, train_arrays) for i in todo]
