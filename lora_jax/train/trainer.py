@@ -221,7 +221,9 @@ def base_params(cfg: Experiment, model, hf_params, example, *, mesh=None):
     if cfg.base.source != "pretrain":
         raise ValueError(f"unknown base.source {cfg.base.source!r}; use 'pretrain', 'init', 'hf'")
     pre = pretrain_experiment(cfg)
-    key = fingerprint(pre.model, pre.data, pre.base, pre.optim, pre.train, pre.seed)  # not mesh
+    # Runtime fields do not change the base: a new one must not invalidate every cached base.
+    train = {k: v for k, v in to_dict(pre.train).items() if k not in RUNTIME_FIELDS}
+    key = fingerprint(pre.model, pre.data, pre.base, pre.optim, train, pre.seed)  # not mesh
     workdir = _cache_dir(cfg) / f"base-{cfg.model.family}-{cfg.model.preset}-{key}"
     path = workdir / "params.msgpack"
     if path.exists():
