@@ -179,13 +179,13 @@ def jsonl_rows(path: str, tokenizer: Tokenizer, seq_len: int, *, pack: bool = Tr
     ids = _task_index(tasks, task_names, path, lines)
     n = len(prompts)
     lo, hi = n * process_index // process_count, n * (process_index + 1) // process_count
-    cache: dict[int, tuple[list[int], list[bool]]] = {}
+    cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # this process's share, compact
 
     def encode(i):
         if i not in cache:
             p, c = tokenizer.encode(prompts[i]), tokenizer.encode(completions[i])
-            return [tokenizer.bos_id] + p + c + [tokenizer.eos_id], \
-                [False] * (1 + len(p)) + [True] * (len(c) + 1)
+            return (np.asarray([tokenizer.bos_id] + p + c + [tokenizer.eos_id], np.int32),
+                    np.arange(len(p) + len(c) + 2) > len(p))
         return cache[i]
 
     for i in range(lo, hi):
@@ -213,9 +213,10 @@ def jsonl_rows(path: str, tokenizer: Tokenizer, seq_len: int, *, pack: bool = Tr
         rows, flags, segments = [], [], []
         for r in indices:
             examples = [encode(i) for i in plan[r][1]]
-            rows.append([tok for t, _ in examples for tok in t])
-            flags.append([fl for _, f in examples for fl in f])
-            segments.append([k + 1 for k, (t, _) in enumerate(examples) for _ in t])
+            rows.append(np.concatenate([t for t, _ in examples]))
+            flags.append(np.concatenate([f for _, f in examples]))
+            sizes = [len(t) for t, _ in examples]
+            segments.append(np.repeat(np.arange(1, len(sizes) + 1), sizes))
         return rows_to_arrays(rows, flags, [plan[r][0] for r in indices], seq_len,
                               tokenizer.pad_id, segments)
 
