@@ -349,6 +349,7 @@ def full_setup(cfg: Experiment, model, params) -> Setup:
                            rngs=_rngs(rng))
 
     tx = clipped(cfg.optim, make_optimizer(cfg.optim, cfg.train.steps))
+
     def export(trainable, frozen, workdir):  # every process; gathered one leaf at a time
         params = distributed.host_tree(trainable)
         if jax.process_index() == 0:
