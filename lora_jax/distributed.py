@@ -15,6 +15,7 @@ import socket
 import time
 
 import jax
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 
@@ -79,6 +80,21 @@ def gather(tree):
         if not isinstance(x, jax.Array) or x.is_fully_replicated:
             return x
         return jax.jit(lambda y: y, out_shardings=NamedSharding(x.sharding.mesh, P()))(x)
+
+    return jax.tree.map(one, tree)
+
+
+def host_tree(tree):
+    """``tree`` as numpy arrays on process 0 (None leaves elsewhere), for process 0 to write.
+
+    A leaf split over several processes is gathered alone (``gather``), copied to the host and
+    dropped before the next, so a device holds at most one whole leaf beyond its shards; in a
+    single process each leaf is assembled on the host directly. Every process must call it.
+    """
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            x = gather(x)
+        return np.asarray(x) if jax.process_index() == 0 else None
 
     return jax.tree.map(one, tree)
 

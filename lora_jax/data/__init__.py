@@ -9,7 +9,7 @@ Pure numpy: nothing here imports JAX, and importing has no side effects.
 """
 
 from lora_jax.data.kinds import KINDS, Kind, get_kind, pretrain_kind, vocab_size
-from lora_jax.data.loader import ArrayLoader
+from lora_jax.data.loader import ArrayLoader, Rows
 from lora_jax.data.tasks import (
     TASKS,
     TaskFamily,
@@ -17,8 +17,9 @@ from lora_jax.data.tasks import (
     make_task_dataset,
     per_task_accuracy,
     task_names,
+    task_rows,
 )
-from lora_jax.data.text import load_jsonl, load_text, rows_to_arrays, shard_rows
+from lora_jax.data.text import jsonl_rows, load_jsonl, load_text, rows_to_arrays
 from lora_jax.data.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, get_tokenizer
 
 __all__ = [
@@ -33,13 +34,15 @@ __all__ = [
     "exact_match",
     "get_kind",
     "get_tokenizer",
+    "jsonl_rows",
     "load_jsonl",
     "load_text",
     "make_task_dataset",
     "per_task_accuracy",
     "pretrain_kind",
+    "Rows",
     "rows_to_arrays",
-    "shard_rows",
     "task_names",
+    "task_rows",
     "vocab_size",
 ]

@@ -18,21 +18,25 @@ names)`), which batch keys the model takes, in order (`inputs`), what is learned
   its one task is `sentences.TASK`); `images` the digits suite of `images.py` (`images` float32
   (N, 8, 8, 1), tasks `images.task_names()`).
 
+Per-host loading: `load(..., process_index, process_count, allgather)` returns the `tasks` and
+`jsonl` train sets as `Rows` built only when taken (`loader.py`), so each host tokenises only the
+rows of its batches; `text` (one document), `sentences` and `images` (small, generated) are built
+whole, and so is every eval set (each host scores the whole eval set).
+
 The losses live in `lora_jax.train.steps` (`objective_for`); this module is numpy only.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from lora_jax.data import images, sentences
-from lora_jax.data.tasks import TASKS, make_task_dataset
-from lora_jax.data.text import load_jsonl, load_text, shard_rows
+from lora_jax.data.tasks import TASKS, make_task_dataset, task_rows
+from lora_jax.data.text import jsonl_rows, load_jsonl, load_text
 from lora_jax.data.tokenizers import get_tokenizer
 
 OBJECTIVES = ("lm", "classify")
@@ -47,8 +51,8 @@ class Kind:
     check: Callable[[Any], None]  # dc -> None; a bad field is a ValueError that names it
     tokenizer: Callable[[Any], Any]  # dc -> tokenizer (with a vocab) or None
     example: Callable[[Any], np.ndarray]  # dc -> zeros shaped (1, ...) like one model input
-    load: Callable[..., tuple]  # (dc, tokenizer, process_index, process_count) -> (train, eval,
-    #                             task names)
+    load: Callable[..., tuple]  # (dc, tokenizer, process_index, process_count, allgather) ->
+    #   (train rows (`Rows`, built only when taken) or arrays, eval arrays (whole), task names)
     files: Callable[[Any], list[str]] = lambda dc: []  # local files read (digests in run.json)
     pretrain_kind: str = ""  # the built-in kind a cached base is pretrained on ('' = itself)
     tokens: bool = True  # a row is `seq_len` tokens (throughput is also counted in tokens)
@@ -68,9 +72,11 @@ def _tokens_example(dc) -> np.ndarray:
 # ----------------------------------------------------------------------------- language modelling
 
 
-def _load_tasks(dc, tokenizer, process_index=0, process_count=1):
-    make = lambda split, n: make_task_dataset(dc.tasks, split, n, dc.seed, dc.seq_len, tokenizer)
-    return make("train", dc.n_train_per_task), make("eval", dc.n_eval_per_task), tuple(dc.tasks)
+def _load_tasks(dc, tokenizer, process_index=0, process_count=1, allgather=None):
+    train = task_rows(dc.tasks, "train", dc.n_train_per_task, dc.seed, dc.seq_len, tokenizer)
+    evals = make_task_dataset(dc.tasks, "eval", dc.n_eval_per_task, dc.seed, dc.seq_len,
+                              tokenizer)
+    return train, evals, tuple(dc.tasks)
 
 
 def _check_files(dc) -> None:
@@ -81,13 +87,15 @@ def _check_files(dc) -> None:
             raise ValueError(f"data file {p!r} does not exist; check data.train_path/eval_path")
 
 
-def _file_loader(read: Callable, read_eval: Callable | None = None) -> Callable:
-    """Train rows by `read` (this host's share), eval rows by `read_eval` (default `read`)."""
-    def load(dc, tokenizer, process_index=0, process_count=1):
-        train = shard_rows(read(dc.train_path, tokenizer, dc.seq_len), process_index,
-                           process_count)
-        return train, (read_eval or read)(dc.eval_path, tokenizer, dc.seq_len), ("all",)
-    return load
+def _load_jsonl(dc, tokenizer, process_index=0, process_count=1, allgather=None):
+    train = jsonl_rows(dc.train_path, tokenizer, dc.seq_len, process_index=process_index,
+                       process_count=process_count, allgather=allgather)
+    return train, load_jsonl(dc.eval_path, tokenizer, dc.seq_len, pack=False), ("all",)
+
+
+def _load_text(dc, tokenizer, process_index=0, process_count=1, allgather=None):
+    read = lambda path: load_text([path], tokenizer, dc.seq_len)  # one document: whole
+    return read(dc.train_path), read(dc.eval_path), ("all",)
 
 
 # ----------------------------------------------------------------------------- classification
@@ -104,7 +112,7 @@ def _check_sentences(dc) -> None:
                          "'template' or a BERT tokenizer.json / vocab.txt path")
 
 
-def _load_sentences(dc, tokenizer, process_index=0, process_count=1):
+def _load_sentences(dc, tokenizer, process_index=0, process_count=1, allgather=None):
     def make(split, n):
         out = sentences.encode_pairs(sentences.make_pairs(n, dc.seed, split), tokenizer,
                                      dc.seq_len)
@@ -112,7 +120,7 @@ def _load_sentences(dc, tokenizer, process_index=0, process_count=1):
     return make("train", dc.n_train_per_task), make("eval", dc.n_eval_per_task), (sentences.TASK,)
 
 
-def _load_images(dc, tokenizer, process_index=0, process_count=1):
+def _load_images(dc, tokenizer, process_index=0, process_count=1, allgather=None):
     make = lambda split, n: images.make_image_dataset(dc.tasks, split, limit=n, seed=dc.seed)
     return make("train", dc.n_train_per_task), make("eval", dc.n_eval_per_task), tuple(dc.tasks)
 
@@ -128,9 +136,8 @@ _PACKED = dict(_LM, inputs=("inputs", "segment_ids"), check=_check_files,
 KINDS: dict[str, Kind] = {
     "tasks": Kind(**_LM, inputs=("inputs",), check=lambda dc: _check_tasks(dc, TASKS),
                   load=_load_tasks),
-    "jsonl": Kind(**_PACKED, load=_file_loader(load_jsonl, functools.partial(load_jsonl,
-                                                                           pack=False))),
-    "text": Kind(**_PACKED, load=_file_loader(lambda p, t, n: load_text([p], t, n))),
+    "jsonl": Kind(**_PACKED, load=_load_jsonl),
+    "text": Kind(**_PACKED, load=_load_text),
     "sentences": Kind(inputs=("tokens", "token_types", "mask"), objective="classify",
                       check=_check_sentences, tokenizer=_sentence_tokenizer,
                       example=_tokens_example, load=_load_sentences),

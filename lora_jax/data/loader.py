@@ -1,25 +1,79 @@
-"""A stateless, resumable batch iterator over in-memory arrays.
+"""A stateless, resumable batch iterator over rows materialised on demand (`Rows`).
 
 `ArrayLoader.batch(step)` is a pure function of (seed, step): epoch e = step // steps_per_epoch
 uses its own permutation of the N rows (seeded by (seed, e)), batches take consecutive
 `global_batch_size` slices of it and the remainder is dropped. Each process gets its
 contiguous slice of the global batch, so resuming at step k needs only k, and the slices of
-all processes concatenate to the single-process batch. Turning host arrays into sharded
-`jax.Array`s is the trainer's job, not this module's.
+all processes concatenate to the single-process batch. The permutation needs only the row count,
+so a process builds only the rows of its own slices (`Rows.take`): with a lazy `Rows` (the
+`tasks` and `jsonl` kinds) each host tokenises only the rows its batches use. Turning host
+arrays into sharded `jax.Array`s is the trainer's job, not this module's.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
 
+class Rows(Mapping):
+    """`num_rows` rows of named arrays, built on demand: `take(indices)` makes only those rows.
+
+    `make(indices int (n,)) -> {name: (n, ...)}` must be a pure function of the indices, so a
+    row is the same whichever process builds it and whichever rows it is built with. A dict of
+    arrays is `Rows.of(arrays)`. As a mapping (`rows['inputs']`) it is the whole dataset: the
+    first lookup builds every row (fine for small data and tests; a training loop uses `take`).
+
+    >>> rows = Rows.of({"x": np.arange(5) * 10})
+    >>> rows.num_rows, rows.take([3, 1])["x"].tolist()
+    (5, [30, 10])
+    """
+
+    def __init__(self, num_rows: int, keys: Iterable[str],
+                 make: Callable[[np.ndarray], dict[str, np.ndarray]]):
+        self.num_rows, self._keys, self._make = int(num_rows), tuple(keys), make
+        self._all: dict[str, np.ndarray] | None = None
+
+    @classmethod
+    def of(cls, arrays: Mapping[str, np.ndarray]) -> "Rows":
+        """Rows of in-memory arrays sharing their leading size N."""
+        if isinstance(arrays, Rows):
+            return arrays
+        sizes = {k: len(v) for k, v in arrays.items()}
+        if not sizes or len(set(sizes.values())) != 1:
+            raise ValueError(f"arrays must be a non-empty dict of arrays with one leading "
+                             f"size; got leading sizes {sizes}.")
+        arrays = {k: np.asarray(v) for k, v in arrays.items()}
+        rows = cls(next(iter(sizes.values())), arrays,
+                   lambda idx: {k: v[idx] for k, v in arrays.items()})
+        rows._all = arrays
+        return rows
+
+    def take(self, indices) -> dict[str, np.ndarray]:
+        """Returns name -> (len(indices), ...): the rows `indices`, in that order."""
+        return self._make(np.asarray(indices, np.int64).reshape(-1))
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self._keys:
+            raise KeyError(key)
+        if self._all is None:
+            self._all = self.take(np.arange(self.num_rows))
+        return self._all[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
 class ArrayLoader:
-    """Batches of rows of `arrays` (dict of arrays sharing the leading dim N).
+    """Batches of rows of `arrays` (`Rows`, or a dict of arrays sharing the leading dim N).
 
     Args:
-        arrays: name -> array of shape (N, ...).
+        arrays: `Rows`, or name -> array of shape (N, ...); only the rows of this process's
+            batches are ever built (`Rows.take`).
         global_batch_size: B, rows per step over all processes; must divide by process_count.
         seed: seed of the per-epoch permutations.
         shuffle: if False, every epoch walks the rows in order.
@@ -32,10 +86,7 @@ class ArrayLoader:
 
     def __init__(self, arrays: Mapping[str, np.ndarray], global_batch_size: int, seed: int, *,
                  shuffle: bool = True, process_index: int = 0, process_count: int = 1):
-        sizes = {k: len(v) for k, v in arrays.items()}
-        if not sizes or len(set(sizes.values())) != 1:
-            raise ValueError(f"arrays must be a non-empty dict of arrays with one leading "
-                             f"size; got leading sizes {sizes}.")
+        self.rows = Rows.of(arrays)
         if process_count < 1 or not 0 <= process_index < process_count:
             raise ValueError(f"process_index={process_index}, process_count={process_count}: "
                              "need process_count >= 1 and 0 <= process_index < process_count.")
@@ -43,11 +94,10 @@ class ArrayLoader:
             raise ValueError(f"global_batch_size={global_batch_size} must be a positive "
                              f"multiple of process_count={process_count}; use e.g. "
                              f"{max(1, global_batch_size // process_count) * process_count}.")
-        self.num_rows = next(iter(sizes.values()))
+        self.num_rows = self.rows.num_rows
         if global_batch_size > self.num_rows:
             raise ValueError(f"global_batch_size={global_batch_size} exceeds the "
                              f"{self.num_rows} rows; lower it or add data.")
-        self.arrays = {k: np.asarray(v) for k, v in arrays.items()}
         self.global_batch_size = global_batch_size
         self.local_batch_size = global_batch_size // process_count
         self.seed = seed
@@ -81,5 +131,4 @@ class ArrayLoader:
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """Returns this process's slice of global batch `step`: name -> (B / count, ...)."""
-        indices = self.batch_indices(step)
-        return {k: v[indices] for k, v in self.arrays.items()}
+        return self.rows.take(self.batch_indices(step))

@@ -4,7 +4,8 @@ Each family in `TASKS` samples one (prompt, answer) pair from a numpy Generator.
 mark their operation in the prompt ("rev abc=" -> "cba"); the `digits_*` families deliberately
 share one prompt format ("4713=") and differ only in the answer, so in multi-task training
 the task id is the only thing that tells them apart (conflicting tasks). `make_task_dataset`
-turns families into the trainer's arrays with completion-only loss, with train and eval
+turns families into the trainer's arrays with completion-only loss (`task_rows` into rows tokenised
+only when taken, for per-host loading), with train and eval
 prompts kept disjoint by a stable hash of the prompt (a prompt used for eval never appears in
 training, under any task). Scoring helpers (`exact_match`, `per_task_accuracy`) live here too.
 Model-specific decoding and metrics logging do not.
@@ -19,6 +20,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from lora_jax.data.loader import Rows
 from lora_jax.data.text import rows_to_arrays
 from lora_jax.data.tokenizers import ByteTokenizer, Tokenizer
 
@@ -145,6 +147,48 @@ def sample_pairs(task: str, split: str, n: int, seed: int) -> list[tuple[str, st
                        "family has too few distinct prompts for this split.")
 
 
+def task_rows(tasks: Sequence[str], split: str, n_per_task: int, seed: int, seq_len: int = 32,
+              tokenizer: Tokenizer | None = None) -> Rows:
+    """The rows of `make_task_dataset(...)` (same arguments), each tokenised only when taken.
+
+    The (prompt, answer) strings are drawn up front (cheap); `take(indices)` tokenises only those
+    rows, so a host that takes only its batches' rows tokenises only them. The longest example
+    of each task is tokenised here, so a too-short `seq_len` fails at once.
+    """
+    tokenizer = ByteTokenizer() if tokenizer is None else tokenizer
+    if split not in ("train", "eval"):
+        raise ValueError(f"split {split!r} is not 'train' or 'eval'.")
+    if not tasks or len(set(tasks)) != len(tasks):
+        raise ValueError(f"tasks {list(tasks)} must be non-empty and without repeats.")
+    if n_per_task < 1:
+        raise ValueError(f"n_per_task={n_per_task}; it must be >= 1.")
+    for task in tasks:
+        _family(task)
+    pairs, ids = [], []
+    for task_id, task in enumerate(tasks):
+        pairs += sample_pairs(task, split, n_per_task, seed)
+        ids += [task_id] * n_per_task
+
+    def encode(i):
+        (prompt, answer), task = pairs[i], tasks[ids[i]]
+        p, a = tokenizer.encode(prompt), tokenizer.encode(answer)
+        tokens = [tokenizer.bos_id] + p + a + [tokenizer.eos_id]
+        if len(tokens) > seq_len + 1:
+            raise ValueError(
+                f"task {task!r}: example {prompt + answer!r} has {len(tokens)} tokens with "
+                f"BOS and EOS, needs seq_len >= {len(tokens) - 1} (got {seq_len}).")
+        return tokens, [False] * (1 + len(p)) + [True] * (len(a) + 1)
+
+    def make(indices):
+        rows, flags = zip(*(encode(i) for i in indices)) if len(indices) else ((), ())
+        return rows_to_arrays(rows, flags, [ids[i] for i in indices], seq_len, tokenizer.pad_id)
+
+    chars = lambda i: len(pairs[i][0]) + len(pairs[i][1])
+    for t in range(len(tasks)):  # fail early on the longest example of each task
+        encode(max(range(t * n_per_task, (t + 1) * n_per_task), key=chars))
+    return Rows(len(pairs), ("inputs", "targets", "loss_mask", "task_ids"), make)
+
+
 def make_task_dataset(tasks: Sequence[str], split: str, n_per_task: int, seed: int,
                       seq_len: int = 32, tokenizer: Tokenizer | None = None
                       ) -> dict[str, np.ndarray]:
@@ -162,28 +206,8 @@ def make_task_dataset(tasks: Sequence[str], split: str, n_per_task: int, seed: i
         `inputs`, `targets` int32 (N, T), `loss_mask` float32 (N, T) (1 on answer and final
         EOS targets), `task_ids` int32 (N,), with N = len(tasks) * n_per_task in task order.
     """
-    tokenizer = ByteTokenizer() if tokenizer is None else tokenizer
-    if split not in ("train", "eval"):
-        raise ValueError(f"split {split!r} is not 'train' or 'eval'.")
-    if not tasks or len(set(tasks)) != len(tasks):
-        raise ValueError(f"tasks {list(tasks)} must be non-empty and without repeats.")
-    if n_per_task < 1:
-        raise ValueError(f"n_per_task={n_per_task}; it must be >= 1.")
-    for task in tasks:
-        _family(task)
-    rows, flags, ids = [], [], []
-    for task_id, task in enumerate(tasks):
-        for prompt, answer in sample_pairs(task, split, n_per_task, seed):
-            p, a = tokenizer.encode(prompt), tokenizer.encode(answer)
-            tokens = [tokenizer.bos_id] + p + a + [tokenizer.eos_id]
-            if len(tokens) > seq_len + 1:
-                raise ValueError(
-                    f"task {task!r}: example {prompt + answer!r} has {len(tokens)} tokens with "
-                    f"BOS and EOS, needs seq_len >= {len(tokens) - 1} (got {seq_len}).")
-            rows.append(tokens)
-            flags.append([False] * (1 + len(p)) + [True] * (len(a) + 1))
-            ids.append(task_id)
-    return rows_to_arrays(rows, flags, ids, seq_len, tokenizer.pad_id)
+    rows = task_rows(tasks, split, n_per_task, seed, seq_len, tokenizer)
+    return rows.take(np.arange(rows.num_rows))
 
 
 def _family(task: str) -> TaskFamily:

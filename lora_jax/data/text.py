@@ -2,22 +2,24 @@
 
 Also home of `rows_to_arrays`, the single place that lays token sequences out as the trainer's
 arrays (`inputs`, `targets`, `loss_mask`, `task_ids`, and `segment_ids` for packed rows; see its
-docstring), used by `tasks.py` too, and of `shard_rows`, which gives each host its rows. A row
+docstring), used by `tasks.py` too. `jsonl_rows` is a JSONL file's rows tokenised only when taken,
+for per-host loading (`loader.py`); a text file is one document and is tokenised whole. A row
 holds up to `seq_len + 1` tokens: `inputs` drop the last and `targets` the first, so both have
 exactly `seq_len` positions. Packed rows (JSONL examples, text documents) carry `segment_ids`, so
 the models attend block-diagonally and restart positions per segment, and the loss mask never
 predicts a token of another segment.
-No downloading, no streaming: files are read whole; shuffling and batching live in `loader.py`.
+No downloading: every host parses a file whole; shuffling and batching live in `loader.py`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Mapping, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
+from lora_jax.data.loader import Rows
 from lora_jax.data.tokenizers import Tokenizer
 
 
@@ -151,6 +153,76 @@ def _pack_greedy(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return rows
 
 
+def jsonl_rows(path: str, tokenizer: Tokenizer, seq_len: int, *, pack: bool = True,
+               task_names: Sequence[str] | None = None, process_index: int = 0,
+               process_count: int = 1,
+               allgather: Callable[[np.ndarray], np.ndarray] | None = None) -> Rows:
+    """The rows of `load_jsonl(...)` (same arguments), each tokenised only when taken.
+
+    Every process parses the file's lines (no tokenising). Packing needs every example's token
+    count: process p tokenises its contiguous share of the examples (p / count .. (p + 1) /
+    count), and `allgather(lengths int32 (n_local,)) -> (n,)` (the concatenation over processes
+    in process order; not needed for one process) gives all of them, so every process computes
+    the same rows as one process would. `take(indices)` tokenises only those rows' examples
+    (examples of this process's share are kept from the first pass).
+    """
+    prompts, completions, tasks, lines = [], [], [], []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if line.strip():
+                prompt, completion, task = _parse_jsonl_line(line, f"{path}:{line_no}")
+                prompts.append(prompt), completions.append(completion)
+                tasks.append(task), lines.append(line_no)
+    if not prompts:
+        raise ValueError(f"{path} holds no examples; add lines like "
+                         '{"prompt": "...", "completion": "..."}.')
+    ids = _task_index(tasks, task_names, path, lines)
+    n = len(prompts)
+    lo, hi = n * process_index // process_count, n * (process_index + 1) // process_count
+    cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # this process's share, compact
+
+    def encode(i):
+        if i not in cache:
+            p, c = tokenizer.encode(prompts[i]), tokenizer.encode(completions[i])
+            return (np.asarray([tokenizer.bos_id] + p + c + [tokenizer.eos_id], np.int32),
+                    np.arange(len(p) + len(c) + 2) > len(p))
+        return cache[i]
+
+    for i in range(lo, hi):
+        cache[i] = encode(i)
+    lengths = np.asarray([len(cache[i][0]) for i in range(lo, hi)], np.int32)
+    if process_count > 1:
+        lengths = np.asarray(allgather(lengths))
+    if lengths.shape != (n,):
+        raise ValueError(f"allgather returned {lengths.shape} lengths for the {n} examples of "
+                         f"{path}; it must concatenate every process's lengths in order.")
+    if (lengths > seq_len + 1).any():
+        i = int(np.argmax(lengths > seq_len + 1))
+        raise ValueError(
+            f"{path}:{lines[i]}: example has {lengths[i]} tokens with BOS and EOS; at most "
+            f"seq_len + 1 = {seq_len + 1} fit. Raise seq_len to {lengths[i] - 1} or shorten "
+            "the example.")
+    plan: list[tuple[int, list[int]]] = []  # (task id, example indices) of each row
+    for task_id in sorted(set(ids)):
+        group = [i for i in range(n) if ids[i] == task_id]
+        packed = (_pack_greedy([int(lengths[i]) for i in group], seq_len + 1) if pack
+                  else [[k] for k in range(len(group))])
+        plan += [(task_id, [group[k] for k in members]) for members in packed]
+
+    def make(indices):
+        rows, flags, segments = [], [], []
+        for r in indices:
+            examples = [encode(i) for i in plan[r][1]]
+            rows.append(np.concatenate([t for t, _ in examples]))
+            flags.append(np.concatenate([f for _, f in examples]))
+            sizes = [len(t) for t, _ in examples]
+            segments.append(np.repeat(np.arange(1, len(sizes) + 1), sizes))
+        return rows_to_arrays(rows, flags, [plan[r][0] for r in indices], seq_len,
+                              tokenizer.pad_id, segments)
+
+    return Rows(len(plan), ("inputs", "targets", "loss_mask", "task_ids", "segment_ids"), make)
+
+
 def load_jsonl(path: str, tokenizer: Tokenizer, seq_len: int, *, pack: bool = True,
                task_names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     """Tokenises a prompt/completion JSONL file, loss on the completion and its EOS only.
@@ -169,55 +241,5 @@ def load_jsonl(path: str, tokenizer: Tokenizer, seq_len: int, *, pack: bool = Tr
         `loss_mask` float32 (N, T), `task_ids` int32 (N,), rows ordered by task id then file
         order (so examples in row-major order, segment by segment, are in that order too).
     """
-    examples, tasks, lines = [], [], []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            prompt, completion, task = _parse_jsonl_line(line, f"{path}:{line_no}")
-            p, c = tokenizer.encode(prompt), tokenizer.encode(completion)
-            tokens = [tokenizer.bos_id] + p + c + [tokenizer.eos_id]
-            if len(tokens) > seq_len + 1:
-                raise ValueError(
-                    f"{path}:{line_no}: example has {len(tokens)} tokens with BOS and EOS; at "
-                    f"most seq_len + 1 = {seq_len + 1} fit. Raise seq_len to "
-                    f"{len(tokens) - 1} or shorten the example.")
-            flags = [False] * (1 + len(p)) + [True] * (len(c) + 1)
-            examples.append((tokens, flags))
-            tasks.append(task)
-            lines.append(line_no)
-    if not examples:
-        raise ValueError(f"{path} holds no examples; add lines like "
-                         '{"prompt": "...", "completion": "..."}.')
-    ids = _task_index(tasks, task_names, path, lines)
-    rows, flags, segments, row_tasks = [], [], [], []
-    for task_id in sorted(set(ids)):
-        group = [ex for ex, i in zip(examples, ids) if i == task_id]
-        packed = (_pack_greedy([len(t) for t, _ in group], seq_len + 1) if pack
-                  else [[i] for i in range(len(group))])
-        for members in packed:
-            rows.append([tok for i in members for tok in group[i][0]])
-            flags.append([fl for i in members for fl in group[i][1]])
-            segments.append([k + 1 for k, i in enumerate(members) for _ in group[i][0]])
-            row_tasks.append(task_id)
-    return rows_to_arrays(rows, flags, row_tasks, seq_len, tokenizer.pad_id, segments)
-
-
-def shard_rows(arrays: Mapping[str, np.ndarray], process_index: int,
-               process_count: int) -> dict[str, np.ndarray]:
-    """Returns this host's rows: row i goes to process i % process_count.
-
-    The rows are first cut to a multiple of `process_count`, so every host gets the same
-    number of rows (and thus the same steps per epoch): N_local = N // process_count.
-    """
-    if process_count < 1 or not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index}, process_count={process_count}: need "
-                         "process_count >= 1 and 0 <= process_index < process_count.")
-    sizes = {k: len(v) for k, v in arrays.items()}
-    if len(set(sizes.values())) > 1:
-        raise ValueError(f"arrays have different numbers of rows {sizes}; all must match.")
-    n = next(iter(sizes.values()), 0) // process_count * process_count
-    if n == 0:
-        raise ValueError(f"{next(iter(sizes.values()), 0)} rows cannot give each of "
-                         f"{process_count} processes a row; use more data or fewer processes.")
-    return {k: np.asarray(v)[:n][process_index::process_count] for k, v in arrays.items()}
+    rows = jsonl_rows(path, tokenizer, seq_len, pack=pack, task_names=task_names)
+    return rows.take(np.arange(rows.num_rows))

@@ -137,14 +137,17 @@ class TaskExport:
         return frozen
 
     def finish(self, trainable, frozen, workdir) -> dict:
-        from lora_jax import io, transform
+        """Every process: each task's merge under jit, sharded like the base; process 0 writes
+        it (gathered one leaf at a time: ``distributed.host_tree``)."""
+        from lora_jax import distributed, io, sharding, transform
 
-        if jax.process_index() != 0:
-            return {}
         adapters = transform.join(trainable, frozen["state"])
+        base = frozen["params"]
         for t, name in enumerate(self.tasks):
-            io.save_params(Path(workdir) / "merged" / f"{name}.msgpack",
-                           transform.merge(frozen["params"], adapters, task=t))
+            merged = distributed.host_tree(sharding.merge_sharded(
+                base, adapters, jax.tree.map(lambda x: x.sharding, base), task=t))
+            if jax.process_index() == 0:
+                io.save_params(Path(workdir) / "merged" / f"{name}.msgpack", merged)
         return {}
 
 

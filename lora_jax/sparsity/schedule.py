@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
-from lora_jax import io, rules, transform
+from lora_jax import distributed, io, rules, sharding, transform
+from lora_jax.data import Rows
 from lora_jax.methods import Adapter
 from lora_jax.sparsity import losa
 from lora_jax.sparsity.model import Blocks, capture_blocks, prune_blocks, run_blocks
@@ -229,16 +230,23 @@ class LosaHook:
         return _like(frozen, {**frozen, "params": blob["params"], "state": state})
 
     def finish(self, trainable, frozen, workdir: str | os.PathLike) -> dict:
-        """Writes the merged sparse model (``merged.msgpack``); returns summary entries."""
+        """Writes the merged sparse model (``merged.msgpack``); returns summary entries. Every
+        process calls it: the merge runs under jit, sharded like the base, and process 0 writes
+        it (gathered one leaf at a time: ``distributed.host_tree``)."""
         adapters = transform.join(trainable, frozen["state"])
-        merged = transform.merge(frozen["params"], adapters)
-        io.save_params(Path(workdir) / "merged.msgpack", merged)
-        base = rules.flatten(frozen["params"])
+        base = frozen["params"]
+        merged = sharding.merge_sharded(base, adapters, jax.tree.map(lambda x: x.sharding, base))
         paths = list(rules.flatten(adapters))
-        base_zeros = sum(int(jnp.sum(base[p] == 0)) for p in paths)
-        return {"sparsity": merged_sparsity(frozen["params"], adapters),
-                "base_sparsity": base_zeros / sum(int(base[p].size) for p in paths),
-                "losa": self.records}
+        kernels = lambda tree: [rules.flatten(tree)[p] for p in paths]
+        count = jax.jit(lambda ks: [jnp.sum(k == 0) for k in ks])  # replicated scalars
+        zeros = lambda tree: sum(int(z) for z in count(kernels(tree)))
+        size = sum(int(k.size) for k in kernels(base))
+        summary = {"sparsity": zeros(merged) / size, "base_sparsity": zeros(base) / size,
+                   "losa": self.records}
+        merged = distributed.host_tree(merged)
+        if jax.process_index() == 0:
+            io.save_params(Path(workdir) / "merged.msgpack", merged)
+        return summary
 
 
 def _like(old, new):
@@ -258,10 +266,12 @@ def trainer_hook(method, run) -> LosaHook:
     'accuracy': {'mean'}}`` is logged after each prune. The hook is built lazily by ``restore``
     (it needs the frozen base).
     """
-    n = len(run.train_arrays[run.inputs[0]])
-    rows = np.sort(np.random.default_rng(run.seed).permutation(n)[:method.calib_samples])
+    train = Rows.of(run.train_arrays)  # builds only the calibration rows
+    rows = np.sort(np.random.default_rng(run.seed).permutation(train.num_rows)
+                   [:method.calib_samples])
+    calib = train.take(rows)
     return _LazyHook(LosaOptions.from_method(method), run,
-                     tuple(jnp.asarray(run.train_arrays[k][rows]) for k in run.inputs))
+                     tuple(jnp.asarray(calib[k]) for k in run.inputs))
 
 
 class _LazyHook:

@@ -149,9 +149,20 @@ def check_data(dc: DataConfig) -> None:
 
 
 def load_data(dc, tokenizer, process_index: int = 0, process_count: int = 1):
-    """``(train_arrays, eval_arrays, task_names)`` for the data config (``tokenizer`` from
-    ``D.get_kind(dc.kind).tokenizer(dc)``)."""
-    return D.get_kind(dc.kind).load(dc, tokenizer, process_index, process_count)
+    """``(train_rows, eval_arrays, task_names)`` for the data config (``tokenizer`` from
+    ``D.get_kind(dc.kind).tokenizer(dc)``). The train rows are built only when taken
+    (``D.Rows``): with ``process_index``/``process_count`` (the ``ArrayLoader``'s) a process
+    tokenises only its batches' rows; the rows are the same for any process count."""
+    return D.get_kind(dc.kind).load(dc, tokenizer, process_index, process_count, _allgather)
+
+
+def _allgather(x: np.ndarray) -> np.ndarray:
+    """The concatenation, in process order, of every process's 1-D ``x`` (sizes may differ)."""
+    sizes = multihost_utils.process_allgather(np.asarray([len(x)])).reshape(-1)
+    padded = np.zeros(int(sizes.max()), x.dtype)
+    padded[:len(x)] = x
+    stacked = multihost_utils.process_allgather(padded)
+    return np.concatenate([stacked[i, :n] for i, n in enumerate(sizes)])
 
 
 # ----------------------------------------------------------------------------- base parameters
@@ -309,7 +320,7 @@ class Setup:
     forward: Callable  # (trainable, frozen, inputs (a tuple), task_ids, rng, train) -> logits
     penalty: Callable  # (trainable, frozen) -> scalar added to the loss (methods' regularisers)
     tx: optax.GradientTransformation
-    export: Callable  # (trainable, frozen, workdir) -> None
+    export: Callable  # (trainable, frozen, workdir) -> None; every process calls it
     methods: tuple = ()  # the adapter methods (empty for full fine-tuning)
     lr: Callable | None = None  # the base learning-rate schedule (logged; groups may scale it)
     objective: Objective = LM  # the data kind's model inputs, loss and scores
@@ -340,8 +351,13 @@ def full_setup(cfg: Experiment, model, params) -> Setup:
                            rngs=_rngs(rng))
 
     tx = clipped(cfg.optim, make_optimizer(cfg.optim, cfg.train.steps))
-    return Setup(params, {}, forward, lambda t, f: 0.0, tx,
-                 lambda t, f, w: io.save_params(w / "params.msgpack", t),
+
+    def export(trainable, frozen, workdir):  # every process; gathered one leaf at a time
+        params = distributed.host_tree(trainable)
+        if jax.process_index() == 0:
+            io.save_params(workdir / "params.msgpack", params)
+
+    return Setup(params, {}, forward, lambda t, f: 0.0, tx, export,
                  lr=make_schedule(cfg.optim, cfg.train.steps))
 
 
@@ -369,7 +385,9 @@ def adapter_setup(cfg: Experiment, model, params, example, mesh=None) -> Setup:
                         train=train, task_ids=task_ids, rngs=_rngs(rng),
                         deterministic=not train)
 
-    def export(trainable, frozen, workdir):
+    def export(trainable, frozen, workdir):  # gathered adapters (gather_for_export)
+        if jax.process_index() != 0:
+            return
         meta = {"spec": to_dict(cfg.adapter), "method": cfg.method,
                 "method_args": dict(cfg.method_args), "model": to_dict(cfg.model)}
         io.save_adapters(workdir / "adapter", lj.join(trainable, frozen["state"]), meta)
@@ -666,7 +684,8 @@ def _run(cfg: Experiment, workdir: Path) -> dict:
     kind = D.get_kind(cfg.data.kind)
     tokenizer = kind.tokenizer(cfg.data)
     model, _, hf_params = build_model(cfg.model, D.vocab_size(tokenizer), weights=False)
-    train_arrays, eval_arrays, tasks = load_data(cfg.data, tokenizer)
+    train_arrays, eval_arrays, tasks = load_data(cfg.data, tokenizer, jax.process_index(),
+                                                 jax.process_count())
     example = jnp.asarray(kind.example(cfg.data))
     prepared = prepare(cfg, model, hf_params, example)
     del hf_params  # a base loaded whole (BERT) now lives only in its shards
@@ -770,9 +789,11 @@ def _train(cfg, workdir, setup, sh, train_step, eval_step, loss_fn, loader, ckpt
     ckpts.wait()
     final = run_eval(trainable, frozen)
     metrics.write(step, "eval", **final)
-    exported = sharding.gather_for_export(trainable, frozen)  # adapters only; every process
-    if jax.process_index() == 0:
-        setup.export(*exported, workdir)
+    # Every process: adapters gathered (the base stays in its shards); full fine-tuning's model
+    # is gathered one leaf at a time by its export.
+    exported = (trainable, frozen) if cfg.full_finetune else \
+        sharding.gather_for_export(trainable, frozen)
+    setup.export(*exported, workdir)
     summary = summary_record(cfg, trainable, frozen, step, train_time, loss, final, base_eval,
                              skipped)
     if cfg.train.eval_generate:  # exact match by real greedy decoding, beside teacher forcing

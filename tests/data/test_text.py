@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from lora_jax.data.text import load_jsonl, load_text, shard_rows
+from lora_jax.data.text import load_jsonl, load_text
 from lora_jax.data.tokenizers import ByteTokenizer
 
 TOK = ByteTokenizer()
@@ -83,13 +83,3 @@ def test_load_jsonl_too_long_example_names_line(tmp_path):
         {"prompt": "a", "completion": "b"}, {"prompt": "x" * 20, "completion": "y"}])
     with pytest.raises(ValueError, match=r"long\.jsonl:2: example has 23 tokens.*seq_len to 22"):
         load_jsonl(path, TOK, seq_len=16)
-
-
-def test_shard_rows_round_robin_equal_sizes():
-    arrays = {"x": np.arange(11), "y": np.arange(22).reshape(11, 2)}
-    shards = [shard_rows(arrays, i, 3) for i in range(3)]
-    assert [len(s["x"]) for s in shards] == [3, 3, 3]
-    np.testing.assert_array_equal(shards[1]["x"], [1, 4, 7])
-    np.testing.assert_array_equal(shards[1]["y"][:, 0], 2 * shards[1]["x"])
-    with pytest.raises(ValueError, match="process_index=3, process_count=3"):
-        shard_rows(arrays, 3, 3)
