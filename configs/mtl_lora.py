@@ -45,9 +45,20 @@ MATCHED_RANK = {"lora": 16, "per_task": 4, "mtl": 8, "multilora": 5}
 TASKS = ("digits_reverse", "digits_sort", "digits_sort_desc", "digits_rotate")
 
 
+SWEEPS = ("compare", "small")  # a leading sweep name is passed to both functions
+
+
+def _split_sweep(arg: str) -> tuple[str, str]:
+    """``'small,steps=80'`` -> ``('small', 'steps=80')``; ``('', arg)`` without a sweep name."""
+    head, _, rest = (arg or "").partition(",")
+    return (head.strip(), rest) if head.strip() in SWEEPS else ("", arg or "")
+
+
 def get_config(arg: str = ""):
-    a = common.parse_arg(arg, method="mtl", rank=0, steps=600, num_up=3, temperature=0.1,
-                         diagonal=False, num_loras=3)
+    sweep, arg = _split_sweep(arg)
+    a = common.parse_arg(arg, method="mtl", rank=0,
+                         steps=common.SMALL_STEPS if sweep == "small" else 600, num_up=3,
+                         temperature=0.1, diagonal=False, num_loras=3)
     if a["method"] not in METHODS:
         raise ValueError(f"method={a['method']!r}; use one of {METHODS}")
     rank = a["rank"] or MATCHED_RANK[a["method"]]
@@ -62,7 +73,7 @@ def get_config(arg: str = ""):
     config.method_args.diagonal = a["diagonal"]
     config.method_args.num_loras = a["num_loras"]
     config.train.steps = a["steps"]
-    config.train.eval_every = 200
+    config.train.eval_every = 200 if sweep != "small" else a["steps"]
     return config
 
 
@@ -71,15 +82,29 @@ def _point(method, rank=None, **overrides):
     return {"method": method, "adapter.rank": rank, "adapter.alpha": 2.0 * rank, **overrides}
 
 
+def _mtl(rank=None, temperature=0.1, num_up=3, diagonal=False):
+    """An MTL-LoRA point that sets all four of its swept values (the report then sees four axes)."""
+    return _point("mtl", rank, **{"method_args.temperature": temperature,
+                                  "method_args.num_up": num_up, "method_args.diagonal": diagonal})
+
+
+def _mtl_axes() -> list[dict]:
+    """MTL-LoRA's τ, n, ``diagonal`` and rank, one at a time around the default."""
+    return ([_mtl(temperature=t) for t in (0.5, 1.0, 5.0)] + [_mtl(num_up=n) for n in (1, 2, 4)]
+            + [_mtl(diagonal=True)] + [_mtl(r) for r in (2, 4, 16)])
+
+
 def get_sweep(arg: str = ""):
-    """The method comparison at matched budgets, then MTL-LoRA's τ, n, rank and ``diagonal``
-    (one at a time around the default), and the baselines' ranks."""
-    del arg
-    return ([_point(m) for m in METHODS]
-            + [_point("mtl", **{"method_args.temperature": t}) for t in (0.5, 1.0, 5.0)]
-            + [_point("mtl", **{"method_args.num_up": n}) for n in (1, 2, 4)]
-            + [_point("mtl", **{"method_args.diagonal": True})]
-            + [_point("mtl", r) for r in (2, 4, 16)]
+    """'' (one seed, 600 steps): the method comparison at matched budgets, MTL-LoRA's axes
+    (``_mtl_axes``) and the baselines' ranks. 'compare': the comparison × ``common.SEEDS``
+    (12 runs of 600 steps); 'small': the default MTL-LoRA and its axes × ``common.SEEDS`` (33 runs
+    of ``common.SMALL_STEPS``, evaluated at the end only)."""
+    sweep, _ = _split_sweep(arg)
+    if sweep == "compare":
+        return common.over_seeds([_point(m) for m in METHODS])
+    if sweep == "small":
+        return common.over_seeds([_mtl()] + _mtl_axes())
+    return ([_point(m) for m in METHODS] + _mtl_axes()
             + [_point("per_task", r) for r in (1, 2, 8)]
             + [_point("lora", r) for r in (4, 8, 32)]
             + [_point("multilora", r, **{"method_args.num_loras": n}) for r, n in ((5, 1), (2, 8))])
