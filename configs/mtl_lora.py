@@ -4,13 +4,15 @@ The tasks are the four ``digits_*`` families: the same prompt ("4713=") must be 
 sorted descending or rotated, so only the task id tells them apart. The base is the default
 experiment's tiny GPT-2 (d=128, 4 layers), pretrained once on copy/reverse/sort/add and cached;
 adapters on all linear layers, α = 2r (scale 2 for every method), AdamW lr 3e-3 cosine, 600 steps
-of batch 32, seed 0.
+of batch 32.
 
     python -m experiments.train --config=configs/mtl_lora.py:method=mtl --workdir=runs/mtl/mtl
-    python -m experiments.train --config=configs/mtl_lora.py:method=lora --workdir=runs/mtl/lora
-    python -m experiments.train --config=configs/mtl_lora.py:method=per_task --workdir=runs/mtl/pt
-    python -m experiments.train --config=configs/mtl_lora.py:method=multilora \\
-        --workdir=runs/mtl/multilora
+    python -m experiments.sweep --config=configs/mtl_lora.py:compare --workdir=runs/mtl_compare
+    python -m experiments.sweep --config=configs/mtl_lora.py:small --workdir=runs/mtl_small
+
+A leading sweep name goes to both functions: 'compare' is the four methods below × seeds 0, 1, 2;
+'small' is MTL-LoRA's τ, n, rank and diagonal Λ_t one at a time around the default, × seeds 0, 1,
+2, at ``common.SMALL_STEPS`` steps evaluated once at the end.
 
 Arg keys: method ('mtl' | 'lora' | 'per_task' | 'multilora'), rank (0: the matched rank below),
 steps, num_up (MTL-LoRA's n), temperature (τ), diagonal, num_loras (MultiLoRA's n).
