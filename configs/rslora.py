@@ -43,6 +43,7 @@ def get_sweep(arg: str = ""):
     'wide' ``WIDE_RANKS``, each × the seeds ``common.SEEDS`` (18 and 24 runs)."""
     wide, arg = _split_wide(arg)
     size, _ = common.split_size(arg)
-    ranks = WIDE_RANKS if wide else (4, 16, 64) if size == "small" else (1, 2, 4, 8, 16, 32, 64, 128)
+    ranks = (WIDE_RANKS if wide else (4, 16, 64) if size == "small"
+             else (1, 2, 4, 8, 16, 32, 64, 128))
     return common.over_seeds([{"adapter.rslora": rs, "adapter.rank": r}
                               for rs in (False, True) for r in ranks], size)

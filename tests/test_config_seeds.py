@@ -39,7 +39,8 @@ def test_wide_is_the_small_run_on_a_wider_model_up_to_full_rank():
     trainer.check_model(cfg.model, 256)
     assert "d_model=256" in cfg.model.overrides and max(rslora.WIDE_RANKS) == 256
     assert {p["adapter.rank"] for p in rslora.get_sweep("wide")} == set(rslora.WIDE_RANKS)
-    assert not from_dict(Experiment, rslora.get_config("wide,rslora=False").to_dict()).adapter.rslora
+    alpha_over_r = from_dict(Experiment, rslora.get_config("wide,rslora=False").to_dict())
+    assert not alpha_over_r.adapter.rslora
 
 
 def test_mtl_sweep_names_set_run_length_and_leave_other_args_alone():
