@@ -100,6 +100,21 @@ def split_size(arg: str, default: str = "full") -> tuple[str, str]:
     return default, arg or ""
 
 
+SEEDS = (0, 1, 2)  # a sweep's adapter seeds: mean ± std over them (``experiments.report``)
+
+
+def over_seeds(points: list[dict], size: str = "small") -> list[dict]:
+    """A 'small' sweep's points once per adapter seed in ``SEEDS`` (``seed``: init, data order,
+    dropout), seeds outermost so that a sweep cut short still has every point of its first seeds;
+    ``base.seed`` is untouched, so one cached base serves every seed. A 'full' grid is returned as
+    it is (one seed: it is sized for an accelerator, and the config tests build every point).
+    ``over_seeds([{'adapter.rank': 4}])[:2]`` ->
+    ``[{'seed': 0, 'adapter.rank': 4}, {'seed': 1, 'adapter.rank': 4}]``."""
+    if size == "full":
+        return points
+    return [{"seed": s, **p} for s in SEEDS for p in points]
+
+
 SMALL_LOG_EVERY = 5  # a 'small' run's train loss points: >= 10 even for a 60-step sweep
 
 

@@ -40,9 +40,10 @@ def get_sweep(arg: str = ""):
     """Rank × targets; each dict is a set of dotted overrides.
 
     'full': ranks {1, 2, 4, 8, 16, 32, 64} × targets {qv, attn, all-linear} (21 runs of 400 steps).
-    'small': ranks {1, 8, 64} × the same targets (9 runs of ``common.SMALL_STEPS``).
+    'small': ranks {1, 8, 64} × the same targets × the seeds ``common.SEEDS`` (27 runs of
+    ``common.SMALL_STEPS``).
     """
     size, _ = common.split_size(arg)
     ranks = (1, 8, 64) if size == "small" else (1, 2, 4, 8, 16, 32, 64)
-    return [{"adapter.rank": r, "adapter.targets": t}
-            for t in ("qv", "attn", "all-linear") for r in ranks]
+    return common.over_seeds([{"adapter.rank": r, "adapter.targets": t}
+                              for t in ("qv", "attn", "all-linear") for r in ranks], size)

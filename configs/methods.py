@@ -17,7 +17,8 @@ def get_config(arg: str = ""):
 
 
 def get_sweep(arg: str = ""):
-    """'small': the four methods at rank 8; 'full': the adapters at ranks {8, 32}, plus full FT.
+    """'small': the four methods at rank 8 × the seeds ``common.SEEDS`` (12 runs); 'full': the
+    adapters at ranks {8, 32}, plus full FT (7 runs).
 
     Every point sets the same keys (``adapter.*`` is ignored by full fine-tuning) so the report
     sees one 'method' axis rather than points with missing values.
@@ -36,4 +37,4 @@ def get_sweep(arg: str = ""):
     if size == "small":  # one rank: leave it out of the names
         for p in points:
             del p["adapter.rank"]
-    return points
+    return common.over_seeds(points, size)
