@@ -82,11 +82,11 @@ def test_print_commands_runs_nothing(tmp_path):
     out = subprocess.run(sweep_cmd("configs/lora.py:small", tmp_path / "w", "--print_commands"),
                          cwd=ROOT, env=ENV, capture_output=True, text=True, check=True).stdout
     lines = out.strip().splitlines()
-    assert len(lines) == 9
+    assert len(lines) == 27  # 3 ranks x 3 target sets x 3 adapter seeds
     assert lines[0].startswith(f"python -m experiments.train --config=configs/lora.py:small "
-                               f"--workdir={tmp_path / 'w' / 'rank=1_targets=qv'} "
+                               f"--workdir={tmp_path / 'w' / 'seed=0_rank=1_targets=qv'} "
                                "--config.base.source=init")
-    assert lines[0].endswith("--config.adapter.rank=1 --config.adapter.targets=qv")
+    assert lines[0].endswith("--config.seed=0 --config.adapter.rank=1 --config.adapter.targets=qv")
     assert not (tmp_path / "w").exists()
 
 
