@@ -84,19 +84,23 @@ def gather(tree):
     return jax.tree.map(one, tree)
 
 
-def host_tree(tree):
-    """``tree`` as numpy arrays on process 0 (None leaves elsewhere), for process 0 to write.
+def save_params(path, tree) -> None:
+    """``io.save_params(path, tree)`` written by process 0; every process must call it.
 
     A leaf split over several processes is gathered alone (``gather``), copied to the host and
     dropped before the next, so a device holds at most one whole leaf beyond its shards; in a
-    single process each leaf is assembled on the host directly. Every process must call it.
+    single process each leaf is assembled on the host directly.
     """
+    from lora_jax import io  # noqa: PLC0415 (io imports the methods, which import this module)
+
     def one(x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             x = gather(x)
         return np.asarray(x) if jax.process_index() == 0 else None
 
-    return jax.tree.map(one, tree)
+    host = jax.tree.map(one, tree)
+    if jax.process_index() == 0:
+        io.save_params(path, host)
 
 
 class NullWriter:

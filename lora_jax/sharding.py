@@ -559,10 +559,13 @@ def gather_for_export(trainable, frozen):
     return trainable, {**rest, **base}
 
 
-def merge_sharded(params, adapters, base_sharding_tree, **kwargs):
+def merge_sharded(params, adapters, base_sharding_tree=None, **kwargs):
     """``lj.merge(params, adapters)`` under ``jax.jit`` with the merged kernels sharded like the
-    base (``base_sharding_tree``, e.g. ``TrainShardings.frozen['params']``): no device ever holds
-    a whole merged kernel. ``kwargs`` go to ``lj.merge`` (``task=``)."""
+    base (``base_sharding_tree``, e.g. ``TrainShardings.frozen['params']``; default: the params'
+    own shardings): no device ever holds a whole merged kernel. ``kwargs`` go to ``lj.merge``
+    (``task=``)."""
+    if base_sharding_tree is None:
+        base_sharding_tree = jax.tree.map(lambda x: x.sharding, params)
     merge = lambda p, a: transform.merge(p, a, **kwargs)
     return jax.jit(merge, out_shardings=base_sharding_tree)(params, adapters)
 

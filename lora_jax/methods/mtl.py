@@ -138,16 +138,13 @@ class TaskExport:
 
     def finish(self, trainable, frozen, workdir) -> dict:
         """Every process: each task's merge under jit, sharded like the base; process 0 writes
-        it (gathered one leaf at a time: ``distributed.host_tree``)."""
-        from lora_jax import distributed, io, sharding, transform
+        it (``distributed.save_params``)."""
+        from lora_jax import distributed, sharding, transform
 
         adapters = transform.join(trainable, frozen["state"])
-        base = frozen["params"]
         for t, name in enumerate(self.tasks):
-            merged = distributed.host_tree(sharding.merge_sharded(
-                base, adapters, jax.tree.map(lambda x: x.sharding, base), task=t))
-            if jax.process_index() == 0:
-                io.save_params(Path(workdir) / "merged" / f"{name}.msgpack", merged)
+            distributed.save_params(Path(workdir) / "merged" / f"{name}.msgpack",
+                                    sharding.merge_sharded(frozen["params"], adapters, task=t))
         return {}
 
 

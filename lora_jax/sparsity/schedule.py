@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
-from lora_jax import distributed, io, rules, sharding, transform
+from lora_jax import distributed, rules, sharding, transform
 from lora_jax.data import Rows
 from lora_jax.methods import Adapter
 from lora_jax.sparsity import losa
@@ -140,10 +140,16 @@ def losa_iteration(params, adapters, x0: jax.Array, blocks: Blocks, layouts,
 
 def merged_sparsity(params, adapters) -> float:
     """Measured sparsity (fraction of exact zeros) of the adapted kernels after merging."""
-    merged = rules.flatten(transform.merge(params, adapters))
-    paths = list(rules.flatten(adapters))
-    zeros = sum(int(jnp.sum(merged[p] == 0)) for p in paths)
-    return zeros / sum(int(merged[p].size) for p in paths)
+    return _zero_fraction(transform.merge(params, adapters), list(rules.flatten(adapters)))
+
+
+def _zero_fraction(params, paths) -> float:
+    """Fraction of exact zeros over the kernels at ``paths`` (counted per kernel under jit, so
+    sharded kernels are never gathered and no count overflows int32)."""
+    flat = rules.flatten(params)
+    kernels = [flat[p] for p in paths]
+    zeros = jax.jit(lambda ks: [jnp.sum(k == 0) for k in ks])(kernels)
+    return sum(int(z) for z in zeros) / sum(int(k.size) for k in kernels)
 
 
 def segment_starts(steps: int, iterations: int) -> list[int]:
@@ -232,21 +238,13 @@ class LosaHook:
     def finish(self, trainable, frozen, workdir: str | os.PathLike) -> dict:
         """Writes the merged sparse model (``merged.msgpack``); returns summary entries. Every
         process calls it: the merge runs under jit, sharded like the base, and process 0 writes
-        it (gathered one leaf at a time: ``distributed.host_tree``)."""
+        it (``distributed.save_params``)."""
         adapters = transform.join(trainable, frozen["state"])
-        base = frozen["params"]
-        merged = sharding.merge_sharded(base, adapters, jax.tree.map(lambda x: x.sharding, base))
+        merged = sharding.merge_sharded(frozen["params"], adapters)
         paths = list(rules.flatten(adapters))
-        kernels = lambda tree: [rules.flatten(tree)[p] for p in paths]
-        count = jax.jit(lambda ks: [jnp.sum(k == 0) for k in ks])  # replicated scalars
-        zeros = lambda tree: sum(int(z) for z in count(kernels(tree)))
-        size = sum(int(k.size) for k in kernels(base))
-        summary = {"sparsity": zeros(merged) / size, "base_sparsity": zeros(base) / size,
-                   "losa": self.records}
-        merged = distributed.host_tree(merged)
-        if jax.process_index() == 0:
-            io.save_params(Path(workdir) / "merged.msgpack", merged)
-        return summary
+        distributed.save_params(Path(workdir) / "merged.msgpack", merged)
+        return {"sparsity": _zero_fraction(merged, paths),
+                "base_sparsity": _zero_fraction(frozen["params"], paths), "losa": self.records}
 
 
 def _like(old, new):

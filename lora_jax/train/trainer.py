@@ -352,10 +352,8 @@ def full_setup(cfg: Experiment, model, params) -> Setup:
 
     tx = clipped(cfg.optim, make_optimizer(cfg.optim, cfg.train.steps))
 
-    def export(trainable, frozen, workdir):  # every process; gathered one leaf at a time
-        params = distributed.host_tree(trainable)
-        if jax.process_index() == 0:
-            io.save_params(workdir / "params.msgpack", params)
+    def export(trainable, frozen, workdir):  # every process; process 0 writes
+        distributed.save_params(workdir / "params.msgpack", trainable)
 
     return Setup(params, {}, forward, lambda t, f: 0.0, tx, export,
                  lr=make_schedule(cfg.optim, cfg.train.steps))
