@@ -3,7 +3,6 @@ give the same losses as 1 process of 8 devices; checkpoints move between the two
 coordinator fails fast with a clear message. Every test starts fresh Python processes."""
 
 import json
-import multiprocessing
 import shutil
 import socket
 import subprocess
@@ -43,8 +42,6 @@ def launch(workdir, processes: int, extra=()) -> tuple[list, list]:
     """Starts experiments.train in ``processes`` processes (8 devices in all), forked from a
     forkserver that imported the modules once (``tests/train/train_child.py``); returns the
     processes and their log files."""
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(train_child.PRELOAD)  # if this worker's forkserver is not up yet
     args = [f"--workdir={workdir}", *ARGS, *extra]
     if processes == 1:
         runs = [(args, _env(8))]
@@ -55,11 +52,7 @@ def launch(workdir, processes: int, extra=()) -> tuple[list, list]:
                          f"--config.mesh.process_id={i}", "--config.mesh.init_timeout_s=120"],
                  _env(8 // processes)) for i in range(processes)]
     logs = [Path(f"{workdir}.{time.time_ns()}.{i}.log") for i in range(processes)]
-    procs = [ctx.Process(target=train_child.run, args=(a, env, str(log)))
-             for (a, env), log in zip(runs, logs)]
-    for proc in procs:
-        proc.start()
-    return procs, logs
+    return [train_child.start(a, env, log) for (a, env), log in zip(runs, logs)], logs
 
 
 def finish(procs, logs, timeout=600) -> list[str]:

@@ -7,7 +7,6 @@ modules once (``tests/train/train_child.py``): a kill lands in a real process of
 and a restart costs a fork, not an interpreter start and the imports (a third of a run's CPU)."""
 
 import json
-import multiprocessing
 import random
 import time
 from pathlib import Path
@@ -39,15 +38,8 @@ def _losses(workdir) -> dict:
 
 @pytest.mark.slow
 def test_ten_sigkills_at_random_moments_then_bitwise_equal_losses(tmp_path):
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(train_child.PRELOAD)  # if this worker's forkserver is not up yet
     log = tmp_path / "runs.log"
-
-    def start(workdir):
-        proc = ctx.Process(target=train_child.run,
-                           args=(ARGS + [f"--workdir={workdir}"], ENV, str(log)))
-        proc.start()
-        return proc
+    start = lambda workdir: train_child.start(ARGS + [f"--workdir={workdir}"], ENV, log)
 
     def complete(workdir):
         proc = start(workdir)
