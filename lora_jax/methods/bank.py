@@ -56,7 +56,7 @@ def per_example(spec: str) -> str:
 def _slot_delta(x, a, b, layout: layers.Layout):
     """``x A B`` with one slot's factors (a: (*in, R), b: (R, *out)) for every row of x."""
     h = a[x] if layout.kind == "embed" else jnp.einsum(layout.xa, x, a.astype(x.dtype))
-    return jnp.einsum(layout.hb, h, b.astype(h.dtype))
+    return layers.up(layout, h, b)
 
 
 def _check_kind(layout: layers.Layout):
@@ -107,7 +107,7 @@ def delta(x, adapter: Adapter, ids):
         h = jnp.einsum(per_example(layout.xa), x, jnp.take(a, slot, axis=0).astype(x.dtype))
     keep = (ids >= 0).reshape((-1,) + (1,) * (h.ndim - 1))
     h = jnp.where(keep, h, 0)
-    return jnp.einsum(per_example(layout.hb), h, jnp.take(b, slot, axis=0).astype(h.dtype))
+    return layers.up_einsum(per_example(layout.hb), h, jnp.take(b, slot, axis=0).astype(h.dtype))
 
 
 def weight_delta(adapter: Adapter, slot: int) -> jax.Array:
