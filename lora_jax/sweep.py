@@ -188,6 +188,10 @@ def stale_fields(workdir: Path, identity: dict) -> list[str]:
             f"{v!r} now" for k, v in now.items() if disk.get(k, missing) != v]
 
 
+def _has_checkpoint(workdir: Path) -> bool:
+    return any((workdir / "checkpoints").glob("[0-9]*"))
+
+
 def outcome(returncode: int, has_summary: bool, stopping: bool) -> str:
     """``'done'``, ``'interrupted'`` (resumable) or ``'failed'``: how a point's process ended.
 
@@ -290,7 +294,7 @@ def run_sweep(config: str, plan: Sequence[Point], *, extra_flags: Sequence[str] 
                 point = queue.pop(0)
                 started += 1
                 argv = launch_command(config, point, extra_flags, python)
-                resume = any((point.workdir / "checkpoints").glob("[0-9]*"))
+                resume = _has_checkpoint(point.workdir)
                 log(f"[{started}/{total}] {'resume' if resume else 'start'} {point.name}: "
                     f"{format_command(argv[3:])}")
                 with (point.workdir / "train.log").open("ab") as out:
@@ -309,8 +313,11 @@ def run_sweep(config: str, plan: Sequence[Point], *, extra_flags: Sequence[str] 
                     log(f"[done] {name} in {seconds:.0f} s")
                     result.done.append(name)
                 elif end == "interrupted":
-                    log(f"[stopped] {name}: {'checkpointed' if proc.returncode == 0 else 'SIGTERM'}"
-                        "; rerun the sweep to resume it")
+                    what = "SIGTERM"
+                    if proc.returncode == 0:  # the trainer's own stop: saved, or nothing to save
+                        what = ("checkpointed" if _has_checkpoint(point.workdir)
+                                else "stopped before its first checkpoint")
+                    log(f"[stopped] {name}: {what}; rerun the sweep to resume it")
                     result.interrupted.append(name)
                 else:
                     reason = (f"exit code {proc.returncode}; see {point.workdir / 'train.log'}:\n"
