@@ -14,6 +14,7 @@ a step over its time, divided by that rate. Results go to ``--out`` (JSON) and, 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from absl import app, flags
 
 import lora_jax as lj
 from lora_jax.train import make_train_step
-from experiments.benchlib import peak_mib, time_fn, write_section
+from experiments.benchlib import machine, peak_mib, time_fn, write_section
 from lora_jax.models import get_model
 
 _PRESET = flags.DEFINE_string("preset", "small", "GPT-2 preset (lora_jax.models.gpt2_config).")
@@ -144,7 +145,10 @@ def markdown(res: dict, command: str) -> str:
         ("unmerged (factored) inference", f"{s['unmerged_inference']:.0f} ms", ""),
     ]
     table = "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows)
+    m = res["machine"]
     return (f"{SECTION}\n\n`{command}`\n\n"
+            f"{m['cpu']}, {m['cores']} cores; load average {m['load_average_start']:.1f} at the "
+            f"start and {m['load_average']:.1f} at the end (the benchmark's own threads count).\n\n"
             f"Setup: {res['setup']}; dense fp32 matmul rate {res['matmul_gflops']:.1f} GFLOP/s.\n\n"
             "| mode | median step | peak MiB (XLA) |\n|---|---|---|\n" + table + "\n\n"
             "| ratio | measured | target |\n|---|---|---|\n"
@@ -156,11 +160,11 @@ def markdown(res: dict, command: str) -> str:
             f"| materialised / factored step | {r['materialised_vs_factored_step']:.3f} | |\n")
 
 
-
-
 def main(argv):
     del argv
+    load_start = os.getloadavg()[0]
     res = run()
+    res["machine"] = {**machine(), "load_average_start": load_start}
     Path(_OUT.value).write_text(json.dumps(res, indent=1))
     print(json.dumps(res["ratios"], indent=1))
     if _MARKDOWN.value:

@@ -131,7 +131,7 @@ def markdown(res: dict) -> str:
     f = res["first_round_seconds_incl_compile"]
     return f"""{SECTION} ({res['preset']}, {res['points']} points)
 
-`python -m experiments.bench_batched --preset={res['preset']} --steps={res['steps_per_round']} --rounds={s['n']}` ({res['points']} points: ranks {res['ranks']} × lr
+`python -m experiments.bench_batched --preset={res['preset']} --ranks={','.join(map(str, res['ranks']))} --batch={res['batch_per_point']} --steps={res['steps_per_round']} --rounds={s['n']} --markdown` ({res['points']} points: ranks {res['ranks']} × lr
 {{1e-3, 3e-3}} × seeds; batch {res['batch_per_point']} × seq {res['seq']} per point;
 {res['steps_per_round']} steps per point per round; {s['n']} interleaved rounds). {res['cpu']},
 {res['cores']} cores, load average {res['load_average']:.1f} at the end (the machine is shared).

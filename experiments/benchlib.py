@@ -4,6 +4,10 @@ define their own)."""
 
 from __future__ import annotations
 
+import collections
+import glob
+import gzip
+import json
 import os
 import platform
 import re
@@ -85,3 +89,21 @@ def write_section(path: Path, section: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     path.write_text(text)
+
+
+MATMUL_KINDS = ("ynn_fusion", "dot")
+NOT_THUNKS = ("ThunkExecutor", "$", "Slinky", "Pjit", "Common", "Parse", "Handle", "end:")
+
+
+def thunk_kinds(trace_dir: str, calls: int) -> collections.Counter:
+    """Milliseconds per call of each thunk kind in the trace under ``trace_dir``."""
+    path = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)[0]
+    events = json.load(gzip.open(path))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    kinds = collections.Counter()
+    for e in events:
+        name = e.get("name", "")
+        if e.get("ph") == "X" and not name.startswith(NOT_THUNKS):
+            kind = re.sub(r"[.\d]+$", "", name)
+            kinds["matmul" if kind in MATMUL_KINDS else kind] += e["dur"] / 1e3 / calls
+    return kinds
