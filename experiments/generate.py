@@ -6,7 +6,7 @@
 
 The run is rebuilt from its ``run.json``: the tokenizer, the model, the frozen base (loaded from
 the cache the trainer wrote, or from the HF checkpoint; quantised as in training) and the export
-(``adapter/`` for adapter methods, ``params.msgpack`` for full fine-tuning). Prompts follow the
+(``adapter/`` for adapter methods, ``params/`` for full fine-tuning). Prompts follow the
 training format: ``[BOS] prompt``; generation stops at EOS. Per-task methods (MTL-LoRA, per-task
 LoRA) need task ids and are not supported here.
 """
@@ -54,7 +54,7 @@ def load_run(workdir: Path):
     params = trainer.base_params(cfg, model, hf_params, example)
     params = trainer.quantize_base(cfg, model, params, example)
     if cfg.full_finetune:
-        return cfg, tokenizer, model, params, (io.load_params(workdir / "params.msgpack"), None)
+        return cfg, tokenizer, model, params, (io.load_params(workdir / "params"), None)
     adapters, _ = io.load_adapters(workdir / "adapter", params)
     routing = [m.name for m in lj.methods.methods_of(adapters)
                if type(m).merge_task is not lj.Method.merge_task]

@@ -15,7 +15,6 @@ import socket
 import time
 
 import jax
-import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 
@@ -71,8 +70,9 @@ def initialize(mc) -> None:
 
 
 def gather(tree):
-    """``tree`` with every array fully replicated, so host code (export, np.asarray) can read it
-    on any process. A no-op in a single process."""
+    """``tree`` with every array fully replicated, so host code (the adapter export, np.asarray)
+    can read it on any process. A no-op in a single process. For small trees only: a parameter
+    tree is written in its shards by ``io.save_params``."""
     if jax.process_count() == 1:
         return tree
 
@@ -82,25 +82,6 @@ def gather(tree):
         return jax.jit(lambda y: y, out_shardings=NamedSharding(x.sharding.mesh, P()))(x)
 
     return jax.tree.map(one, tree)
-
-
-def save_params(path, tree) -> None:
-    """``io.save_params(path, tree)`` written by process 0; every process must call it.
-
-    A leaf split over several processes is gathered alone (``gather``), copied to the host and
-    dropped before the next, so a device holds at most one whole leaf beyond its shards; in a
-    single process each leaf is assembled on the host directly.
-    """
-    from lora_jax import io  # noqa: PLC0415 (io imports the methods, which import this module)
-
-    def one(x):
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            x = gather(x)
-        return np.asarray(x) if jax.process_index() == 0 else None
-
-    host = jax.tree.map(one, tree)
-    if jax.process_index() == 0:
-        io.save_params(path, host)
 
 
 class NullWriter:

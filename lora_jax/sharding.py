@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import warnings
 from typing import Any, Mapping, Sequence
 
@@ -568,27 +567,6 @@ def merge_sharded(params, adapters, base_sharding_tree=None, **kwargs):
         base_sharding_tree = jax.tree.map(lambda x: x.sharding, params)
     merge = lambda p, a: transform.merge(p, a, **kwargs)
     return jax.jit(merge, out_shardings=base_sharding_tree)(params, adapters)
-
-
-def save_sharded(path, tree) -> None:
-    """Writes a tree of sharded arrays with orbax: each process writes its own shards (no
-    gather). Every process calls it with the same absolute ``path``; read it back with
-    ``load_sharded``."""
-    import orbax.checkpoint as ocp  # noqa: PLC0415 (orbax is slow to import; only here)
-
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.abspath(path), tree)
-
-
-def load_sharded(path, like):
-    """The tree ``save_sharded`` wrote, placed as ``like`` (arrays or ``ShapeDtypeStruct``s
-    with shardings) says: each process reads only its shards."""
-    import orbax.checkpoint as ocp  # noqa: PLC0415
-
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                            like)
-    with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(os.path.abspath(path), abstract)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import serialization
 
 import lora_jax as lj
 from lora_jax import models, rules
@@ -159,7 +158,7 @@ def test_schedule_end_to_end(tmp_path):
     assert [r["mean_rank"] for r in summary["losa"]] == [6, 7, 8]
     assert summary["sparsity"] == summary["base_sparsity"]
     assert summary["sparsity"] == pytest.approx(0.5, abs=0.03)  # d_in = 32: per-column rounding
-    merged = serialization.msgpack_restore((tmp_path / "merged.msgpack").read_bytes())
+    merged = lj.io.load_params(tmp_path / "merged")
     adapters, _ = lj.io.load_adapters(tmp_path / "adapter")
     flat = rules.flatten(merged)
     for path, a in rules.flatten(adapters).items():

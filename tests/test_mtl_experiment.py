@@ -46,7 +46,7 @@ def test_merged_exports_reproduce_the_routed_model(tmp_path):
     adapters, _ = io.load_adapters(tmp_path / "adapter", params)
     x = jax.random.randint(jax.random.key(0), (2, cfg.data.seq_len), 0, 256)
     for t, name in enumerate(cfg.data.tasks):
-        merged = io.load_params(tmp_path / "merged" / f"{name}.msgpack")
+        merged = io.load_params(tmp_path / "merged" / name)
         routed = lj.apply(model, params, adapters, x, task_ids=jnp.full((2,), t))
         np.testing.assert_allclose(model.apply({"params": merged}, x), routed, atol=1e-4)
 

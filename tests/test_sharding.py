@@ -380,7 +380,7 @@ def test_init_sharded_is_born_in_its_shards_and_equals_one_device_init():
     assert all(jax.tree.leaves(jax.tree.map(lambda a, s: a.sharding == s, adapters, sh)))
 
 
-def test_export_gathers_adapters_only_and_merges_in_shards(tmp_path):
+def test_export_gathers_adapters_only_and_merges_in_shards():
     model, example, params, layouts = _tiny("llama", scan=True)
     mesh, rules = sharding.make_mesh(MeshConfig(preset="fsdp")), sharding.RULES["fsdp"]
     specs = sharding.param_logical_specs(model, example)
@@ -398,10 +398,6 @@ def test_export_gathers_adapters_only_and_merges_in_shards(tmp_path):
                  want)
     assert all(jax.tree.leaves(jax.tree.map(lambda a, s: a.sharding == s, merged,
                                             sh.frozen["params"])))
-    sharding.save_sharded(tmp_path / "merged", merged)
-    back = sharding.load_sharded(tmp_path / "merged", merged)
-    jax.tree.map(np.testing.assert_array_equal, back, merged)
-    assert all(jax.tree.leaves(jax.tree.map(lambda a, b: a.sharding == b.sharding, back, merged)))
 
 
 def test_losa_pruning_on_fsdp_tp_equals_one_device_and_masks_shard_like_kernels():

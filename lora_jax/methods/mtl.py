@@ -126,7 +126,8 @@ class MTL(Method):
 
 @dataclasses.dataclass
 class TaskExport:
-    """A training callback that writes one merged model per task (``merged/<task>.msgpack``)."""
+    """A training callback that writes one merged model per task (``merged/<task>/``, read with
+    ``io.load_params``)."""
 
     tasks: tuple[str, ...]
 
@@ -137,14 +138,14 @@ class TaskExport:
         return frozen
 
     def finish(self, trainable, frozen, workdir) -> dict:
-        """Every process: each task's merge under jit, sharded like the base; process 0 writes
-        it (``distributed.save_params``)."""
-        from lora_jax import distributed, sharding, transform
+        """Every process: each task's merge under jit, sharded like the base, each process
+        writing its shards (``io.save_params``)."""
+        from lora_jax import io, sharding, transform
 
         adapters = transform.join(trainable, frozen["state"])
         for t, name in enumerate(self.tasks):
-            distributed.save_params(Path(workdir) / "merged" / f"{name}.msgpack",
-                                    sharding.merge_sharded(frozen["params"], adapters, task=t))
+            io.save_params(Path(workdir) / "merged" / name,
+                           sharding.merge_sharded(frozen["params"], adapters, task=t))
         return {}
 
 

@@ -26,9 +26,8 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import serialization
 
-from lora_jax import distributed, rules, sharding, transform
+from lora_jax import io, rules, sharding, transform
 from lora_jax.data import Rows
 from lora_jax.methods import Adapter
 from lora_jax.sparsity import losa
@@ -212,39 +211,43 @@ class LosaHook:
         return new
 
     def _save(self, t: int, frozen, info: dict) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        states = {p: a.state for p, a in rules.flatten(frozen["state"]).items()}
-        blob = serialization.msgpack_serialize(jax.device_get(
-            {"params": frozen["params"], "state": states}))
-        tmp = self.dir / f"{t}.msgpack.tmp"
-        tmp.write_bytes(blob)
-        os.replace(tmp, self.dir / f"{t}.msgpack")
-        (self.dir / f"{t}.json").write_text(json.dumps(info))
+        """Every process: the pruned base and the adapters' state in ``losa/<t>/``, each process
+        writing its shards (``io.save_params``); process 0 writes the log, ``losa/<t>.json``."""
+        io.save_params(self.dir / str(t), _saved(frozen))
+        if jax.process_index() == 0:
+            io.atomic_write(self.dir / f"{t}.json", json.dumps(info).encode())
 
     def restore(self, step: int, frozen):
-        """The frozen tree as it was after the iterations applied by ``step`` (0: unchanged)."""
+        """The frozen tree as it was after the iterations applied by ``step`` (0: unchanged),
+        read straight into ``frozen``'s shardings."""
         done = [t + 1 for t, s in enumerate(self.starts) if s <= step]
         if not done:
             return frozen
         t = done[-1]
-        blob = serialization.msgpack_restore((self.dir / f"{t}.msgpack").read_bytes())
-        self.records = [json.loads((self.dir / f"{i}.json").read_text()) for i in done]
-        flat = rules.flatten(frozen["state"])
-        state = rules.unflatten({p: dataclasses.replace(a, state=dict(blob["state"][p]))
-                                 for p, a in flat.items()})
+        saved = io.load_params(self.dir / str(t), like=_saved(frozen))
+        self.records = [io.read_json(self.dir / f"{i}.json", "delete the workdir's losa/ and "
+                                     "checkpoints/ to rerun") for i in done]
+        state = rules.unflatten({p: dataclasses.replace(a, state=saved["state"][p])
+                                 for p, a in rules.flatten(frozen["state"]).items()})
         self.log(f"LoSA: restored iteration {t} from {self.dir}")
-        return _like(frozen, {**frozen, "params": blob["params"], "state": state})
+        return {**frozen, "params": saved["params"], "state": state}
 
     def finish(self, trainable, frozen, workdir: str | os.PathLike) -> dict:
-        """Writes the merged sparse model (``merged.msgpack``); returns summary entries. Every
-        process calls it: the merge runs under jit, sharded like the base, and process 0 writes
-        it (``distributed.save_params``)."""
+        """Writes the merged sparse model (``merged/``, read with ``io.load_params``); returns
+        summary entries. Every process calls it: the merge runs under jit, sharded like the base,
+        and each process writes its shards (``io.save_params``)."""
         adapters = transform.join(trainable, frozen["state"])
         merged = sharding.merge_sharded(frozen["params"], adapters)
         paths = list(rules.flatten(adapters))
-        distributed.save_params(Path(workdir) / "merged.msgpack", merged)
+        io.save_params(Path(workdir) / "merged", merged)
         return {"sparsity": _zero_fraction(merged, paths),
                 "base_sparsity": _zero_fraction(frozen["params"], paths), "losa": self.records}
+
+
+def _saved(frozen) -> dict:
+    """What an iteration saves: the base and each adapter's state, keyed by kernel path."""
+    return {"params": frozen["params"],
+            "state": {p: a.state for p, a in rules.flatten(frozen["state"]).items()}}
 
 
 def _like(old, new):

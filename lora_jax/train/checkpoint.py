@@ -27,16 +27,12 @@ import orbax.checkpoint as ocp
 from jax import lax
 from jax.experimental import multihost_utils
 
+from lora_jax import io
 from lora_jax.train.workdir import read_json, write_json
 
 TRASH = "deleting"  # orbax's todelete_subdir: rotated steps are renamed here, then removed
 FORMAT = 1
 CHECKSUM = "sum of murmur3-mixed 32-bit words and indices, 2 x 32 bits, over the global array"
-# orbax writes a replicated array from all its replicas, a slice each, when each slice has at
-# least this many bytes. Below it, one replica writes the whole array: each slice costs a
-# dispatched (and once per shape, compiled) slicing op, which for adapter-sized leaves takes far
-# longer than the write it splits (a tiny run's save: 48 compiled slices, most of its time).
-REPLICA_PARALLEL_MIN_BYTES = 1 << 20
 
 
 class CheckpointMismatch(ValueError):
@@ -196,14 +192,10 @@ class Checkpoints:
         self.log = log
         self.async_save = async_save
         self._intact: set[int] = set()  # steps this object saved or verified
-        th = ocp.type_handlers
-        arrays = th.create_type_handler_registry(
-            (jax.Array, th.ArrayHandler(
-                min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES)),
-            (np.ndarray, th.NumpyHandler()), (np.number, th.ScalarHandler()))
         self.manager = ocp.CheckpointManager(
             self.directory,
-            item_handlers={"state": ocp.PyTreeCheckpointHandler(type_handler_registry=arrays),
+            item_handlers={"state": ocp.PyTreeCheckpointHandler(
+                               type_handler_registry=io.array_handlers()),
                            "meta": ocp.JsonCheckpointHandler()},
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep, create=True, enable_async_checkpointing=async_save,

@@ -236,7 +236,7 @@ def base_params(cfg: Experiment, model, hf_params, example, *, mesh=None):
     train = {k: v for k, v in to_dict(pre.train).items() if k not in RUNTIME_FIELDS}
     key = fingerprint(pre.model, pre.data, pre.base, pre.optim, train, pre.seed)  # not mesh
     workdir = _cache_dir(cfg) / f"base-{cfg.model.family}-{cfg.model.preset}-{key}"
-    path = workdir / "params.msgpack"
+    path = workdir / "params"
     if path.exists():
         log(f"base model: cached at {workdir}")
         return place(io.load_params(path))
@@ -352,8 +352,8 @@ def full_setup(cfg: Experiment, model, params) -> Setup:
 
     tx = clipped(cfg.optim, make_optimizer(cfg.optim, cfg.train.steps))
 
-    def export(trainable, frozen, workdir):  # every process; process 0 writes
-        distributed.save_params(workdir / "params.msgpack", trainable)
+    def export(trainable, frozen, workdir):  # every process writes its shards
+        io.save_params(workdir / "params", trainable)
 
     return Setup(params, {}, forward, lambda t, f: 0.0, tx, export,
                  lr=make_schedule(cfg.optim, cfg.train.steps))
@@ -605,7 +605,7 @@ def train_and_evaluate(cfg: Experiment, workdir: str | os.PathLike) -> dict:
 
     Writes ``run.json`` (identity, plus the environment and data digests of the first launch),
     ``checkpoints/``, ``progress.json`` (train time and last loss of the newest checkpoint),
-    ``metrics.jsonl``, ``tb/``, the export (``adapter/`` or ``params.msgpack``) and
+    ``metrics.jsonl``, ``tb/``, the export (``adapter/`` or ``params/``) and
     ``summary.json``, every JSON file atomically. The config is validated before the workdir is
     touched, and the workdir is locked while the run lives (``workdir.WorkdirBusy`` otherwise).
     If SIGTERM arrives, the current state is checkpointed and the function returns
@@ -788,7 +788,7 @@ def _train(cfg, workdir, setup, sh, train_step, eval_step, loss_fn, loader, ckpt
     final = run_eval(trainable, frozen)
     metrics.write(step, "eval", **final)
     # Every process: adapters gathered (the base stays in its shards); full fine-tuning's model
-    # is gathered one leaf at a time by its export.
+    # is written in its shards by its export.
     exported = (trainable, frozen) if cfg.full_finetune else \
         sharding.gather_for_export(trainable, frozen)
     setup.export(*exported, workdir)

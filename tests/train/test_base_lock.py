@@ -45,7 +45,7 @@ def test_two_runs_needing_one_uncached_base_pretrain_it_once(tmp_path, monkeypat
     def pretrain(pre, workdir):
         calls.append(threading.current_thread().name)
         assert waiting.wait(timeout=30), f"the other run never waited: {lines}"
-        io.save_params(workdir / "params.msgpack", params)
+        io.save_params(workdir / "params", params)
         return {}
 
     monkeypatch.setattr(trainer, "log", log)
