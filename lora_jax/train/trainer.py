@@ -194,6 +194,9 @@ def pretrain_experiment(cfg: Experiment) -> Experiment:
     )
 
 
+BASE_FORMAT = "params/ (orbax)"  # of a cached base: a new format means new cache keys
+
+
 def base_params(cfg: Experiment, model, hf_params, example, *, mesh=None):
     """The frozen base: HF checkpoint, fresh init, or the cached pretrained model.
 
@@ -234,7 +237,9 @@ def base_params(cfg: Experiment, model, hf_params, example, *, mesh=None):
     pre = pretrain_experiment(cfg)
     # Runtime fields do not change the base: a new one must not invalidate every cached base.
     train = {k: v for k, v in to_dict(pre.train).items() if k not in RUNTIME_FIELDS}
-    key = fingerprint(pre.model, pre.data, pre.base, pre.optim, train, pre.seed)  # not mesh
+    # not mesh; the export format is in the key, since a complete cached run in an older format
+    # is not retrained (its summary.json stands) and so would never write ``params/``
+    key = fingerprint(pre.model, pre.data, pre.base, pre.optim, train, pre.seed, BASE_FORMAT)
     workdir = _cache_dir(cfg) / f"base-{cfg.model.family}-{cfg.model.preset}-{key}"
     path = workdir / "params"
     if path.exists():

@@ -59,7 +59,6 @@ def test_torn_json_is_a_one_line_error_naming_file_and_fix(tmp_path):
 
 
 def test_truncated_adapter_spec_is_a_one_line_error(tmp_path):
-    io.save_params(tmp_path / "p.msgpack", {"x": np.ones(2)})
     (tmp_path / io.ARRAYS).write_bytes(b"")
     (tmp_path / io.SPEC).write_text('{"adapters": {"a/kernel": {"meth')
     with pytest.raises(ValueError, match=rf"{io.SPEC} is truncated or corrupt .*; export the "
