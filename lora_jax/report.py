@@ -295,7 +295,8 @@ def to_text(columns: list[str], rows: list[list[Any]], n_axes: int = 0,
 
 def seed_table(runs: list[Run]) -> str | None:
     """Mean ± std over the seed axes, one row per configuration (Markdown): eval loss, mean
-    accuracy and each task's accuracy; None if no seed axis was swept."""
+    accuracy and each task's accuracy (a configuration with one finished seed: its values, no
+    ± 0); None if no seed axis was swept."""
     seeds = [a for a in axes_of(runs) if is_seed(a)]
     if not seeds:
         return None
@@ -310,7 +311,7 @@ def seed_table(runs: list[Run]) -> str | None:
         stats += [_mean_std([_get(m.summary, "accuracy", t) for m in members])
                   for t in ["mean", *tasks]]
         cells = [_short_value(v) for v in key] + [str(len(members))]
-        cells += ["" if m is None else f"{m:.{d}f} ± {sd:.{d}f}"
+        cells += ["" if m is None else f"{m:.{d}f}" + (f" ± {sd:.{d}f}" * (len(members) > 1))
                   for (m, sd), d in zip(stats, [4] + [3] * (1 + len(tasks)))]  # loss, accuracies
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

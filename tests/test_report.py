@@ -256,6 +256,13 @@ def test_a_seed_from_a_shared_flag_is_averaged_like_a_swept_one(tmp_path):
     table = report.seed_table(runs).splitlines()
     assert table[2] == ("| 1 | 3 | 1.1000 ± 0.1000 | 0.300 ± 0.050 | 0.100 ± 0.100 | "
                         "0.500 ± 0.000 |")
-    one_seed = report.load_runs(tmp_path / "s1")  # one seed: no seed axis, no seed table
+    (tmp_path / "s2" / "rank=4" / "summary.json").unlink()  # unfinished: 2 seeds, 1 at rank 4
+    table = report.seed_table(report.load_runs(tmp_path)).splitlines()
+    assert table[3] == ("| 4 | 2 | 4.0500 ± 0.0707 | 0.275 ± 0.035 | 0.050 ± 0.071 | "
+                        "0.500 ± 0.000 |")
+    (tmp_path / "s1" / "rank=4" / "summary.json").unlink()
+    table = report.seed_table(report.load_runs(tmp_path)).splitlines()
+    assert table[3] == "| 4 | 1 | 4.0000 | 0.250 | 0.000 | 0.500 |"  # one seed: no ± 0
+    one_seed = report.load_runs(tmp_path / "s0")  # one seed: no seed axis, no seed table
     assert [r.overrides for r in one_seed] == [{"adapter.rank": 1}, {"adapter.rank": 4}]
     assert report.seed_table(one_seed) is None
