@@ -3,6 +3,7 @@ importance to a mean rank of 8 (LoRA r=8's total), PEFT's defaults scaled to the
 
     python -m experiments.train --config=configs/adalora.py --workdir=runs/adalora
     python -m experiments.train --config=configs/adalora.py:small --workdir=runs/adalora_small
+    python -m experiments.sweep --config=configs/adalora.py:small --workdir=runs/adalora_seeds
 
 Arg keys: those of configs/lora.py (``rank`` is the initial rank) plus ``target`` (the final mean
 rank). The schedule is built for ``steps``: change the run's length with the ``steps=`` arg, not
@@ -28,7 +29,13 @@ def get_config(arg: str = ""):
 
 
 def get_sweep(arg: str = ""):
-    """AdaLoRA to final mean ranks {2, 8} from 1.5x that rank."""
-    del arg
+    """'full': AdaLoRA to final mean ranks {2, 8} from 1.5x that rank. 'small': the rows of
+    docs/ablations.md's AdaLoRA table (lr 3e-3, lr 1e-2, orthogonality weight 0.1 instead of 0.5)
+    × the seeds ``common.SEEDS`` (9 runs of ``common.SMALL_STEPS``; LoRA's row is
+    configs/lora.py:small's rank 8, all-linear)."""
+    size, _ = common.split_size(arg)
+    if size == "small":
+        return common.over_seeds([{"optim.lr": lr, "method_args.orth_reg_weight": weight}
+                                  for lr, weight in ((3e-3, 0.5), (1e-2, 0.5), (3e-3, 0.1))])
     return [{"adapter.rank": 3, "method_args.target_rank": 2},
             {"adapter.rank": 12, "method_args.target_rank": 8}]

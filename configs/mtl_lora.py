@@ -29,7 +29,7 @@ Results after 600 steps (exact match on 256 held-out prompts per task, mean ± s
 0, 1, 2; the tables and their commands: docs/mtl_lora.md): MTL-LoRA 0.918 ± 0.052 mean accuracy
 (eval loss 0.224 ± 0.023) against per-task LoRA's 0.781 ± 0.040 (0.357 ± 0.022), winning on
 digits_sort and digits_sort_desc; on digits_reverse and digits_rotate the two are inside the
-noise. Shared LoRA (0.127) and MultiLoRA (0.051, seed 0 only) see no task id, so on conflicting
+noise. Shared LoRA (0.121 ± 0.008) and MultiLoRA (0.063 ± 0.013) see no task id, so on conflicting
 tasks they cannot know which answer is wanted; they are the control, not a fair competitor.
 """
 

@@ -5,7 +5,9 @@
 
 Writes ``report.md``, ``report.csv``, ``loss_curves.png`` and ``vs_<axis>.png`` (eval loss and mean
 accuracy against each swept axis that is not confounded with another; seeds averaged as mean ± std)
-into ``--out`` (default: the directory itself) and prints the table within 100 columns. A missing
+into ``--out`` (default: the directory itself) and prints the table within 100 columns, then, when
+a seed was swept, the Markdown table of mean ± std over the seeds (eval loss, mean and per-task
+accuracy; a seed set by a shared ``--config.seed`` flag counts, see ``lora_jax.report``). A missing
 or corrupt ``summary.json`` is named and that run left out; a summary that lacks an optional value
 (``tokens_per_sec``, say) shows it blank. Exits non-zero only when no run could be read.
 """
@@ -35,6 +37,8 @@ def main(argv):
         sys.exit(f"no complete run (summary.json) under {root}")
     out = report.write_report(runs, _OUT.value or root, title=_TITLE.value or root, notes=notes)
     print(out["text"])
+    if out["seeds"]:
+        print("\nMean ± std over seeds:\n\n" + out["seeds"] + "\n")
     print("wrote " + ", ".join(str(p) for p in out["files"]))
 
 

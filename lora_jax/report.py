@@ -7,6 +7,8 @@ A run is a directory holding ``summary.json`` (written by the trainer when a run
 ``metrics.jsonl`` (its loss curves) and, for sweep points, ``overrides.json`` (the swept values,
 written by ``lora_jax.sweep``). Runs launched without the sweep (``--print_commands``) have no
 ``overrides.json``; their axes are the config fields that differ between the runs' ``run.json``.
+A seed that differs between sweep points' ``run.json`` but is none of their overrides (a shared
+``--config.seed=1`` flag, each seed's sweep in its own directory) is one of their axes too.
 A missing or corrupt file is reported by name and that run (or line) is left out; the rest still
 report. Flags live in ``experiments/report.py``; nothing here trains or launches.
 """
@@ -88,7 +90,8 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def load_runs(root: str | os.PathLike, warn: Callable[[str], None] = print) -> list[Run]:
     """Every complete run under ``root``; what cannot be read is reported through ``warn``."""
-    root, runs, configs = Path(root), [], {}
+    root, runs = Path(root), []
+    bare, swept = {}, {}  # run index -> its flattened run.json, without / with overrides.json
     for workdir in find_run_dirs(root):
         path = workdir / "summary.json"
         if not path.exists():
@@ -106,19 +109,27 @@ def load_runs(root: str | os.PathLike, warn: Callable[[str], None] = print) -> l
         if (workdir / "overrides.json").exists():
             record = _read_json(workdir / "overrides.json", warn)
             overrides = record.get("overrides") if isinstance(record, dict) else None
-        if overrides is None and (workdir / "run.json").exists():
-            identity = dict(_read_json(workdir / "run.json", warn) or {})
+        if (workdir / "run.json").exists():
+            identity = _read_json(workdir / "run.json", warn)
+            identity = dict(identity) if isinstance(identity, dict) else {}
             identity.pop("recorded", None)  # environment and data digests: not config axes
-            configs[len(runs)] = _flatten(identity)
+            (bare if overrides is None else swept)[len(runs)] = _flatten(identity)
         name = str(workdir.relative_to(root)) if workdir != root else workdir.name
         runs.append(Run(name, workdir, summary, _hashable(overrides or {}),
                         read_curves(workdir / "metrics.jsonl", warn)))
-    if len(configs) > 1:  # runs without overrides.json: their axes are the fields that differ
-        keys = sorted({k for c in configs.values() for k in c})
-        varying = [k for k in keys if len({repr(c.get(k)) for c in configs.values()}) > 1]
-        for i, config in configs.items():
-            runs[i].overrides = _hashable({k: config.get(k) for k in varying})
+    varying = _varying(bare)  # runs without overrides.json: their axes are the fields that differ
+    for i, config in bare.items():
+        runs[i].overrides = _hashable({k: config.get(k) for k in varying})
+    seeds = [k for k in _varying(swept) if is_seed(k)]  # set by a shared flag: --config.seed=1
+    for i, config in swept.items():
+        runs[i].overrides.update({k: config.get(k) for k in seeds if k not in runs[i].overrides})
     return runs
+
+
+def _varying(configs: dict[int, dict]) -> list[str]:
+    """The flattened config keys whose values differ between ``configs`` (none for one run)."""
+    keys = sorted({k for c in configs.values() for k in c})
+    return [k for k in keys if len({repr(c.get(k)) for c in configs.values()}) > 1]
 
 
 def _hashable(overrides: dict) -> dict:
@@ -186,8 +197,7 @@ def table(runs: list[Run]) -> tuple[list[str], list[list[Any]]]:
     A value the run's summary lacks is None (shown blank)."""
     axes = axes_of(runs)
     short = short_keys([{k: None for k in axes}])
-    tasks = list(dict.fromkeys(t for r in runs for t in (_get(r.summary, "accuracy") or {})
-                               if t != "mean"))
+    tasks = _tasks(runs)
     method = [] if "method" in axes else ["method"]  # a swept method is already an axis column
     columns = (["run"] + [short[a] for a in axes] +
                method + ["steps", "trainable params", "eval loss", "acc (mean)"] +
@@ -284,23 +294,33 @@ def to_text(columns: list[str], rows: list[list[Any]], n_axes: int = 0,
 
 
 def seed_table(runs: list[Run]) -> str | None:
-    """Mean ± std over the seed axes, one row per configuration (Markdown), or None if no seed
-    axis was swept."""
+    """Mean ± std over the seed axes, one row per configuration (Markdown): eval loss, mean
+    accuracy and each task's accuracy (a configuration with one finished seed: its values, no
+    ± 0); None if no seed axis was swept."""
     seeds = [a for a in axes_of(runs) if is_seed(a)]
     if not seeds:
         return None
     axes = label_axes(runs)
     short = short_keys([{k: None for k in axes_of(runs)}])
-    lines = ["| " + " | ".join([short[a] for a in axes] + ["seeds", "eval loss", "acc (mean)"])
-             + " |", "|" + "|".join(["---"] * len(axes) + ["---:"] * 3) + "|"]
+    tasks = _tasks(runs)
+    metrics = ["eval loss", "acc (mean)"] + [f"acc {t}" for t in tasks]
+    lines = ["| " + " | ".join([short[a] for a in axes] + ["seeds"] + metrics) + " |",
+             "|" + "|".join(["---"] * len(axes) + ["---:"] * (1 + len(metrics))) + "|"]
     for key, members in _groups(runs, axes).items():
-        loss = _mean_std([m.summary.get("final_eval_loss") for m in members])
-        acc = _mean_std([_get(m.summary, "accuracy", "mean") for m in members])
+        stats = [_mean_std([m.summary.get("final_eval_loss") for m in members])]
+        stats += [_mean_std([_get(m.summary, "accuracy", t) for m in members])
+                  for t in ["mean", *tasks]]
         cells = [_short_value(v) for v in key] + [str(len(members))]
-        cells += [f"{m:.4f} ± {sd:.4f}" if m is not None else "" for m, sd in (loss,)]
-        cells += [f"{m:.3f} ± {sd:.3f}" if m is not None else "" for m, sd in (acc,)]
+        cells += ["" if m is None else f"{m:.{d}f}" + (f" ± {sd:.{d}f}" * (len(members) > 1))
+                  for (m, sd), d in zip(stats, [4] + [3] * (1 + len(tasks)))]  # loss, accuracies
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _tasks(runs: list[Run]) -> list[str]:
+    """The tasks with an accuracy in any run's summary, in order of first appearance."""
+    return list(dict.fromkeys(t for r in runs for t in (_get(r.summary, "accuracy") or {})
+                              if t != "mean"))
 
 
 def _groups(runs: list[Run], axes: list[str]) -> dict[tuple, list[Run]]:
@@ -468,8 +488,9 @@ def plot_axis(runs: list[Run], axis: str, label: str, path: Path, title: str = "
 def write_report(runs: list[Run], out: str | os.PathLike, title: str = "Report",
                  notes: list[str] = ()) -> dict:
     """Writes ``report.md``, ``report.csv``, ``loss_curves.png`` and one ``vs_<axis>.png`` per
-    plottable axis (``plottable_axes``) into ``out``; returns ``{'markdown', 'text', 'table',
-    'files'}`` (``text``: the table for a terminal, within 100 columns)."""
+    plottable axis (``plottable_axes``) into ``out``; returns ``{'markdown', 'text', 'seeds',
+    'table', 'files'}`` (``text``: the table for a terminal, within 100 columns; ``seeds``: the
+    Markdown ``seed_table``, None without a seed axis)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     columns, rows = table(runs)
@@ -492,4 +513,4 @@ def write_report(runs: list[Run], out: str | os.PathLike, title: str = "Report",
     (out / "report.md").write_text("\n".join(text) + "\n")
     files.insert(0, out / "report.md")
     return {"markdown": markdown, "text": to_text(columns, rows, len(axes_of(runs))),
-            "table": (columns, rows), "files": files}
+            "seeds": seeds, "table": (columns, rows), "files": files}

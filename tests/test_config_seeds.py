@@ -1,14 +1,15 @@
-"""The seed axis of the ablation sweeps (configs/lora.py, rslora.py, methods.py, mtl_lora.py):
+"""The seed axis of the ablation sweeps (configs/lora.py, rslora.py, methods.py, mtl_lora.py,
+adalora.py):
 a 'small' sweep is its grid once per adapter seed in ``common.SEEDS``, seeds outermost, with the
 base's seed untouched (one cached base serves all); a 'full' grid stays one seed."""
 
 import pytest
 
-from configs import common, lora, methods, mtl_lora, rslora
+from configs import adalora, common, lora, methods, mtl_lora, rslora
 from lora_jax.train import Experiment, from_dict, trainer
 
 SEEDED = [(lora, "small"), (rslora, "small"), (rslora, "wide"), (methods, "small"),
-          (mtl_lora, "small"), (mtl_lora, "compare")]
+          (mtl_lora, "small"), (mtl_lora, "compare"), (adalora, "small")]
 
 
 @pytest.mark.parametrize("module,arg", SEEDED)

@@ -215,12 +215,15 @@ def test_seeds_are_averaged_with_error_bars_never_a_line(tmp_path):
     assert "seed" not in report.plottable_axes(runs)
     assert "seed" not in report.label_axes(runs)
     table = report.seed_table(runs).splitlines()
-    assert table[0] == "| method | init | seeds | eval loss | acc (mean) |"
-    # lora/default: losses 1.2, 1.3, 1.4 -> 1.3 ± 0.1; mean acc (0.5 + 0.1 s + 0.25) / 2.
+    assert table[0] == "| method | init | seeds | eval loss | acc (mean) | acc a | acc b |"
+    # lora/default: losses 1.2, 1.3, 1.4 -> 1.3 ± 0.1; task a 0.5 + 0.1 s, task b 0.25, mean
+    # (a + b) / 2.
     row = next(l for l in table if l.startswith("| lora | default |"))
-    assert row == "| lora | default | 3 | 1.3000 ± 0.1000 | 0.425 ± 0.050 |"
+    assert row == ("| lora | default | 3 | 1.3000 ± 0.1000 | 0.425 ± 0.050 | 0.600 ± 0.100 | "
+                   "0.250 ± 0.000 |")
     out = report.write_report(runs, tmp_path / "out", title="seeds")
-    assert "Mean ± std over seeds:" in (tmp_path / "out" / "report.md").read_text()
+    assert out["seeds"] == report.seed_table(runs)  # what experiments.report prints
+    assert out["seeds"] in (tmp_path / "out" / "report.md").read_text()
     assert not (tmp_path / "out" / "vs_seed.png").exists()
     assert_png(tmp_path / "out" / "vs_method.png")
 
@@ -237,3 +240,29 @@ def test_one_colour_per_series_across_figures(tmp_path):
     report.plot_axis(runs, "adapter.rank", "rank", tmp_path / "b.png", "t", colours)
     assert {k: colours.assigned[k] for k in before} == before  # unchanged by the second figure
     assert "targets=qv" in colours.assigned and colours("targets=qv") == colours("targets=qv")
+
+
+def test_a_seed_from_a_shared_flag_is_averaged_like_a_swept_one(tmp_path):
+    """``experiments.sweep ... --workdir=runs/s$s --config.seed=$s``: each seed's points carry
+    the same overrides.json, and only run.json tells the seeds apart."""
+    for seed in (0, 1, 2):
+        for rank in (1, 4):
+            make_run(tmp_path / f"s{seed}" / f"rank={rank}", overrides={"adapter.rank": rank},
+                     rank=rank, loss=rank + 0.1 * seed, acc=(0.1 * seed, 0.5),
+                     run_json={"seed": seed, "data": {"seed": 0}, "adapter": {"rank": rank}})
+    runs = report.load_runs(tmp_path)
+    assert runs[0].overrides == {"adapter.rank": 1, "seed": 0}  # data.seed is the same for all
+    assert report.plottable_axes(runs) == ["adapter.rank"]
+    table = report.seed_table(runs).splitlines()
+    assert table[2] == ("| 1 | 3 | 1.1000 ± 0.1000 | 0.300 ± 0.050 | 0.100 ± 0.100 | "
+                        "0.500 ± 0.000 |")
+    (tmp_path / "s2" / "rank=4" / "summary.json").unlink()  # unfinished: 2 seeds, 1 at rank 4
+    table = report.seed_table(report.load_runs(tmp_path)).splitlines()
+    assert table[3] == ("| 4 | 2 | 4.0500 ± 0.0707 | 0.275 ± 0.035 | 0.050 ± 0.071 | "
+                        "0.500 ± 0.000 |")
+    (tmp_path / "s1" / "rank=4" / "summary.json").unlink()
+    table = report.seed_table(report.load_runs(tmp_path)).splitlines()
+    assert table[3] == "| 4 | 1 | 4.0000 | 0.250 | 0.000 | 0.500 |"  # one seed: no ± 0
+    one_seed = report.load_runs(tmp_path / "s0")  # one seed: no seed axis, no seed table
+    assert [r.overrides for r in one_seed] == [{"adapter.rank": 1}, {"adapter.rank": 4}]
+    assert report.seed_table(one_seed) is None
