@@ -11,7 +11,7 @@ from flax import linen as nn
 from toys import ConvNet, Stack
 
 import lora_jax as lj
-from lora_jax import rules
+from lora_jax import layers, rules
 
 
 class Toy(nn.Module):
@@ -433,3 +433,23 @@ def test_modules_to_save_keeps_a_tiny_delta_over_a_bf16_base():
     adapters["bias"] = dataclasses.replace(adapters["bias"], params={"w": jnp.full((4,), 1e-3)})
     y = lj.apply(model, params, adapters, x)
     np.testing.assert_allclose(y, 4.001, rtol=1e-6)  # 4 + 1e-3 rounds to 4 in bf16
+
+
+@pytest.mark.parametrize("equation, h_shape, b_shape", [
+    ("...R,Ro->...o", (2, 5, 3), (3, 7)),             # dense
+    ("btR,Rhd->bthd", (2, 5, 3), (3, 4, 6)),          # multi-axis output (DenseGeneral)
+    ("btR,Rcd->btdc", (2, 5, 3), (3, 4, 6)),          # permuted output (Einsum)
+    ("ZbtR,ZRo->Zbto", (2, 3, 5, 3), (2, 3, 7)),      # a bank's per-example factors
+])
+def test_up_einsum_values_and_gradients_are_einsums(equation, h_shape, b_shape):
+    """layers.up_einsum only reorders B's gradient contraction (for XLA:CPU's layouts)."""
+    k1, k2 = jax.random.split(jax.random.key(0))
+    h, b = jax.random.normal(k1, h_shape), jax.random.normal(k2, b_shape)
+    loss = lambda fn: lambda h, b: jnp.sum(jnp.sin(fn(equation, h, b)))
+    want = jax.grad(loss(jnp.einsum), (0, 1))(h, b)
+    got = jax.grad(loss(layers.up_einsum), (0, 1))(h, b)
+    np.testing.assert_allclose(layers.up_einsum(equation, h, b), jnp.einsum(equation, h, b),
+                               rtol=1e-6)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
