@@ -1,7 +1,7 @@
 """Meshes, logical axis rules, and the shardings of everything a training step touches.
 
 Sharding comes in three layers (as in MaxText): a physical mesh with the axes ``('data', 'fsdp',
-'tensor')``; logical axis rules, one dict per named preset (``RULES``), mapping the logical names
+'fsdp2', 'tensor')`` ('fsdp2' is a second fsdp axis, size 1 unless asked for); logical axis rules, one dict per named preset (``RULES``), mapping the logical names
 the models put on every parameter ('embed', 'heads', 'kv', 'kv_heads', 'mlp', 'vocab', 'layers')
 to mesh axes; and the logical names themselves, read from ``nn.get_partition_spec`` of an abstract
 ``model.init``. Adapter shardings are derived from their kernel's: A keeps the kernel's input axes
@@ -29,15 +29,16 @@ from lora_jax import rules as rules_lib
 from lora_jax import transform
 from lora_jax.methods import Adapter, is_adapter
 
-MESH_AXES = ("data", "fsdp", "tensor")
-DATA_AXES = ("data", "fsdp")  # the batch is split over both; fsdp also shards the weights
+MESH_AXES = ("data", "fsdp", "fsdp2", "tensor")
+DATA_AXES = ("data", "fsdp", "fsdp2")  # the batch is split over all; fsdp, fsdp2 shard weights too
+FSDP = ("fsdp", "fsdp2")  # a weight split over the product of the two fsdp axes
 LOGICAL_NAMES = ("embed", "heads", "kv", "kv_heads", "mlp", "vocab", "layers")
 
 # Mesh axis sizes per preset; -1 = whatever the device count leaves. MeshConfig fields override.
 PRESET_SIZES = {
-    "dp": {"data": -1, "fsdp": 1, "tensor": 1},
-    "fsdp": {"data": 1, "fsdp": -1, "tensor": 1},
-    "fsdp_tp": {"data": 1, "fsdp": -1, "tensor": 2},
+    "dp": {"data": -1, "fsdp": 1, "fsdp2": 1, "tensor": 1},
+    "fsdp": {"data": 1, "fsdp": -1, "fsdp2": 1, "tensor": 1},
+    "fsdp_tp": {"data": 1, "fsdp": -1, "fsdp2": 1, "tensor": 2},
 }
 
 # Logical name -> rule. A fixed rule is a mesh axis, a tuple of mesh axes (the dimension split
@@ -46,16 +47,20 @@ PRESET_SIZES = {
 # fixed rules of the same array in dimension order: the first candidate whose axes are unused in
 # the array and divide the dimension wins, else the dimension is replicated. The candidates shard
 # what a fixed rule leaves whole: B of q/k/v/gate/up ('heads', 'kv', 'mlp'), A of o/down, the
-# vocabulary factors, and their optimizer moments. The one place sharding policy lives.
-_FSDP_FALLBACK = ["fsdp"]
+# vocabulary factors, and their optimizer moments. Weights split over both fsdp axes; a factor
+# that neither divides (B of q at 256 devices: 32 heads x 128) takes one fsdp axis per dimension
+# (with fsdp 32 x fsdp2 8: heads over 'fsdp', head-dim over 'fsdp2'). A candidate whose axes all
+# have size 1 shards nothing and is skipped unless it is the first. The one place sharding policy
+# lives.
+_FSDP_FALLBACK = [FSDP, "fsdp", "fsdp2"]
 RULES = {
     "dp": {name: None for name in LOGICAL_NAMES},
-    "fsdp": {"embed": "fsdp", "heads": _FSDP_FALLBACK, "kv": _FSDP_FALLBACK,
+    "fsdp": {"embed": FSDP, "heads": _FSDP_FALLBACK, "kv": _FSDP_FALLBACK,
              "kv_heads": _FSDP_FALLBACK, "mlp": _FSDP_FALLBACK, "vocab": _FSDP_FALLBACK,
              "layers": None},
-    "fsdp_tp": {"embed": "fsdp", "heads": ["tensor", "fsdp"], "kv": _FSDP_FALLBACK,
-                "kv_heads": ["tensor", "fsdp"], "mlp": ["tensor", "fsdp"],
-                "vocab": ["tensor", "fsdp"], "layers": None},
+    "fsdp_tp": {"embed": FSDP, "heads": ["tensor", *_FSDP_FALLBACK], "kv": _FSDP_FALLBACK,
+                "kv_heads": ["tensor", *_FSDP_FALLBACK], "mlp": ["tensor", *_FSDP_FALLBACK],
+                "vocab": ["tensor", *_FSDP_FALLBACK], "layers": None},
 }
 
 
@@ -72,11 +77,11 @@ def mesh_shape(mc, n_devices: int) -> dict[str, int]:
     """Axis sizes for ``MeshConfig`` ``mc`` on ``n_devices`` devices (``-1`` inferred).
 
     A field of 0 keeps the preset's size. Example: preset 'fsdp_tp' on 8 devices ->
-    ``{'data': 1, 'fsdp': 4, 'tensor': 2}``.
+    ``{'data': 1, 'fsdp': 4, 'fsdp2': 1, 'tensor': 2}``.
     """
     sizes = dict(PRESET_SIZES[_preset(mc.preset)])
     for axis in MESH_AXES:
-        value = getattr(mc, axis)
+        value = getattr(mc, axis, 0)
         if value:
             sizes[axis] = value
     free = [a for a in MESH_AXES if sizes[a] == -1]
@@ -97,7 +102,7 @@ def mesh_shape(mc, n_devices: int) -> dict[str, int]:
 
 
 def make_mesh(mc, devices: Sequence[Any] | None = None) -> Mesh:
-    """The ``('data', 'fsdp', 'tensor')`` mesh for ``MeshConfig`` ``mc``.
+    """The ``MESH_AXES`` mesh for ``MeshConfig`` ``mc``.
 
     ``devices`` default to all devices of all processes, or the first ``mc.num_devices`` of them.
     """
@@ -151,7 +156,16 @@ def to_mesh_spec(logical: Sequence[str | None], rules: Mapping[str, Any], where:
 
     Fixed rules first, then candidate lists in dimension order (``RULES``). With ``shape`` and
     ``mesh_sizes`` a candidate must divide its dimension; without them the first unused one wins.
+    With ``mesh_sizes`` a split over several mesh axes leaves out those of size 1
+    (``('fsdp', 'fsdp2')`` with 'fsdp2' of size 1 is written ``'fsdp'``: the same sharding).
     """
+    def written(rule):
+        axes = _axes(rule)
+        if mesh_sizes is None or len(axes) < 2:
+            return rule
+        kept = tuple(a for a in axes if mesh_sizes[a] > 1) or axes[:1]
+        return kept[0] if len(kept) == 1 else kept
+
     where = where or "parameter"
     out, used = [None] * len(logical), set()
     for name in logical:
@@ -167,19 +181,21 @@ def to_mesh_spec(logical: Sequence[str | None], rules: Mapping[str, Any], where:
                 raise ValueError(f"{where}: mesh axis {a!r} would shard two "
                                  f"dimensions of {tuple(logical)}; fix the rules")
             used.add(a)
-        out[i] = rule
+        out[i] = written(rule)
     for i, name in enumerate(logical):
         rule = None if name is None else rules[name]
         if not isinstance(rule, list):
             continue
-        for option in rule:
+        for k, option in enumerate(rule):
             axes = _axes(option)
             if not axes or used & set(axes):
                 continue
-            if shape is not None and mesh_sizes is not None \
-                    and shape[i] % math.prod(mesh_sizes[a] for a in axes):
+            size = None if mesh_sizes is None else math.prod(mesh_sizes[a] for a in axes)
+            if size == 1 and k:
                 continue
-            out[i] = option
+            if shape is not None and size is not None and shape[i] % size:
+                continue
+            out[i] = written(option)
             used |= set(axes)
             break
     return P(*out)
@@ -398,11 +414,11 @@ def replicated_leaves(shardings_tree, shapes_tree, threshold_bytes: int = 2**20
     """``{path: bytes}`` of every fully replicated leaf larger than ``threshold_bytes``.
 
     ``shapes_tree`` mirrors ``shardings_tree`` (arrays or ``ShapeDtypeStruct``s). Nothing is
-    reported on a mesh whose weight axes ('fsdp', 'tensor') have size 1 (``dp``: replication is
+    reported on a mesh whose weight axes ('fsdp', 'fsdp2', 'tensor') have size 1 (``dp``: replication is
     the point).
     """
     flat_s, _ = jax.tree_util.tree_flatten_with_path(shardings_tree)
-    if not flat_s or math.prod(flat_s[0][1].mesh.shape.get(a, 1) for a in ("fsdp", "tensor")) == 1:
+    if not flat_s or math.prod(flat_s[0][1].mesh.shape.get(a, 1) for a in (*FSDP, "tensor")) == 1:
         return {}
     out = {}
     for (path, s), x in zip(flat_s, jax.tree.leaves(shapes_tree)):

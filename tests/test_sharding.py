@@ -35,19 +35,20 @@ LOSS_RTOL = 1e-5
 # ----------------------------------------------------------------------------- mesh
 
 
-@pytest.mark.parametrize("preset, shape", [("dp", (8, 1, 1)), ("fsdp", (1, 8, 1)),
-                                           ("fsdp_tp", (1, 4, 2))])
-def test_preset_meshes_on_8_devices(preset, shape):
-    mesh = sharding.make_mesh(MeshConfig(preset=preset))
+@pytest.mark.parametrize("preset, fsdp2, shape", [
+    ("dp", 0, (8, 1, 1, 1)), ("fsdp", 0, (1, 8, 1, 1)), ("fsdp_tp", 0, (1, 4, 1, 2)),
+    ("fsdp", 2, (1, 4, 2, 1))])
+def test_preset_meshes_on_8_devices(preset, fsdp2, shape):
+    mesh = sharding.make_mesh(MeshConfig(preset=preset, fsdp2=fsdp2))
     assert tuple(mesh.shape[a] for a in sharding.MESH_AXES) == shape
     assert mesh.devices.size == 8
 
 
 def test_mesh_sizes_infer_and_override():
     assert sharding.mesh_shape(MeshConfig(preset="fsdp_tp", tensor=4), 8) == \
-        {"data": 1, "fsdp": 2, "tensor": 4}
+        {"data": 1, "fsdp": 2, "fsdp2": 1, "tensor": 4}
     assert sharding.mesh_shape(MeshConfig(data=2, fsdp=-1), 8) == {"data": 2, "fsdp": 4,
-                                                                   "tensor": 1}
+                                                                   "fsdp2": 1, "tensor": 1}
     assert sharding.make_mesh(MeshConfig(num_devices=1)).devices.size == 1
 
 
@@ -64,7 +65,7 @@ def test_mesh_errors_name_the_sizes():
 
 def test_rules_errors_and_overrides():
     rules = sharding.logical_rules(MeshConfig(preset="fsdp", rules="mlp=tensor,vocab=none"))
-    assert rules["mlp"] == "tensor" and rules["vocab"] is None and rules["embed"] == "fsdp"
+    assert rules["mlp"] == "tensor" and rules["vocab"] is None and rules["embed"] == ("fsdp", "fsdp2")
     with pytest.raises(ValueError, match="logical axis 'experts' has no rule"):
         sharding.to_mesh_spec(("embed", "experts"), rules, "moe/kernel")
     with pytest.raises(ValueError, match="mesh axis 'fsdp' would shard two dimensions"):
@@ -240,8 +241,8 @@ def _reference(method):
     return _REFERENCE[method]
 
 
-def _check_8_devices(method, preset):
-    losses, sh, (t, o) = run_steps(_experiment(method, MeshConfig(preset=preset)))
+def _check_8_devices(method, preset, **sizes):
+    losses, sh, (t, o) = run_steps(_experiment(method, MeshConfig(preset=preset, **sizes)))
     np.testing.assert_allclose(losses, _reference(method), rtol=LOSS_RTOL)
     assert sh.mesh.devices.size == 8
     # The step's outputs are sharded exactly as its inputs (and as the rules say).
@@ -252,6 +253,10 @@ def _check_8_devices(method, preset):
 
 def test_8_devices_reproduce_1_device_losses():
     _check_8_devices("lora", "fsdp_tp")
+
+
+def test_two_fsdp_axes_reproduce_1_device_losses():
+    _check_8_devices("lora", "fsdp", fsdp2=2)  # fsdp 4 x fsdp2 2
 
 
 @pytest.mark.slow
@@ -292,6 +297,25 @@ def test_candidate_rules_take_the_first_unused_axis_that_divides():
         P(None, None, "fsdp")
     assert sharding.logical_rules(MeshConfig(preset="fsdp", rules="mlp=tensor|fsdp"))["mlp"] == \
         ["tensor", "fsdp"]
+
+
+def test_a_second_fsdp_axis_shards_factors_no_single_axis_divides():
+    rules = sharding.RULES["fsdp"]
+    big = {"data": 1, "fsdp": 32, "fsdp2": 8, "tensor": 1}  # 256 devices
+    spec = lambda names, shape, sizes: sharding.to_mesh_spec(names, rules, "", shape, sizes)
+    # Llama-7B q: the kernel splits 'embed' over both axes; B (r, 32 heads, 128) takes one each.
+    assert spec(("embed", "heads", "kv"), (4096, 32, 128), big) == P(("fsdp", "fsdp2"), None, None)
+    assert spec((None, "heads", "kv"), (16, 32, 128), big) == P(None, "fsdp", "fsdp2")
+    # 70B k: 8 kv heads take fsdp2 (8), head-dim fsdp (32); gate/up's B takes the product.
+    assert spec((None, "kv_heads", "kv"), (16, 8, 128), big) == P(None, "fsdp2", "fsdp")
+    assert spec((None, "mlp"), (16, 11008), big) == P(None, ("fsdp", "fsdp2"))
+    # One fsdp axis of 256: neither 32 nor 128 divides, B stays replicated (why fsdp2 exists).
+    one = {"data": 1, "fsdp": 256, "fsdp2": 1, "tensor": 1}
+    assert spec((None, "heads", "kv"), (16, 32, 128), one) == P(None, None, None)
+    # fsdp2 of size 1 is left out of the written spec and never taken as a candidate.
+    eight = {"data": 1, "fsdp": 8, "fsdp2": 1, "tensor": 1}
+    assert spec(("embed", "heads", "kv"), (32, 2, 16), eight) == P("fsdp", None, None)
+    assert spec((None, "heads", "kv"), (4, 2, 6), eight) == P(None, None, None)
 
 
 def test_no_adapter_or_optimizer_leaf_is_replicated_under_fsdp():

@@ -115,6 +115,7 @@ class MeshConfig:
     preset: str = "dp"  # 'dp' | 'fsdp' | 'fsdp_tp': axis sizes and logical rules
     data: int = 0  # axis sizes: 0 = the preset's, -1 = infer from the device count
     fsdp: int = 0
+    fsdp2: int = 0  # a second fsdp axis (size 1 unless set): weights split over fsdp x fsdp2
     tensor: int = 0
     rules: str = ""  # overrides of the preset's logical rules: 'mlp=tensor,vocab=none'
     max_replicated_mib: float = 1.0  # a fully replicated leaf above this under fsdp is an error

@@ -165,7 +165,7 @@ def test_group_on_8_device_mesh_equals_solo_runs_with_their_dropout():
             point(rank=4, lr=3e-2, seed=2, dropout=0.3, warmup=0, mesh=mesh)]
     assert batched.plan_groups(cfgs) == ([[0, 1, 2]], {})
     solo, group, solo_trees, (t, o, states), sh, start = _solo_and_group(cfgs, steps=3)
-    assert dict(sh.mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 2}
+    assert dict(sh.mesh.shape) == {"data": 1, "fsdp": 4, "fsdp2": 1, "tensor": 2}
     np.testing.assert_allclose(group, solo, rtol=0, atol=1e-5)
     for i in range(3):
         for g, s, s0 in zip(jax.tree.leaves(t[i]), jax.tree.leaves(solo_trees[i]),
