@@ -413,10 +413,13 @@ def plottable_axes(runs: list[Run]) -> list[str]:
     """Axes worth a ``vs_<axis>`` plot: not a seed, and at least one setting of the other axes
     with two or more of its values, so the plot compares something at fixed other settings (an
     axis that only moves together with another, like ``optim.lr`` with ``method`` in a methods
-    sweep, is confounded and gets none)."""
+    sweep, is confounded and gets none). An axis in one-to-one step with one already plotted
+    (``adapter.alpha`` = 2 x ``adapter.rank``) would draw the same figure again: left out, and
+    named in that figure's x label ("rank (sets alpha)")."""
     out = []
     for axis in axes_of(runs):
-        if is_seed(axis):
+        if is_seed(axis) or any(determines(runs, [a], axis) and determines(runs, [axis], a)
+                                for a in out):
             continue
         others = _others(runs, axis)
         for members in _groups([r for r in runs if axis in r.overrides], others).values():

@@ -194,6 +194,17 @@ def test_confounded_axes_get_no_plot(tmp_path):
     assert names == ["loss_curves.png", "vs_init.png", "vs_method.png"]
 
 
+def test_an_axis_in_step_with_a_plotted_one_gets_no_second_plot(tmp_path):
+    for rank in (1, 4, 16):  # alpha = 2r: vs_alpha.png would repeat vs_rank.png
+        make_run(tmp_path / f"r{rank}", overrides={"adapter.rank": rank,
+                                                   "adapter.alpha": 2.0 * rank},
+                 rank=rank, loss=1.0 / rank, acc=(0.5, 0.25))
+    runs = report.load_runs(tmp_path)
+    assert report.plottable_axes(runs) == ["adapter.rank"]
+    report.write_report(runs, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").glob("vs_*.png")) == ["vs_rank.png"]
+
+
 def test_terminal_table_fits_100_columns(tmp_path):
     _methods_fixture(tmp_path)
     for p in tmp_path.glob("*/summary.json"):  # long task names widen the table past 100
