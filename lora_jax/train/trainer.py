@@ -203,9 +203,11 @@ def base_params(cfg: Experiment, model, hf_params, example, *, mesh=None):
     With ``mesh`` (``sharding.make_mesh(cfg.mesh)``) the base is created in its shards, by
     ``cfg.mesh``'s rules: an init by ``sharding.init_sharded`` (a jitted init whose outputs are
     sharded), a GPT-2/Llama checkpoint that ``build_model(weights=False)`` did not read
-    (``hf_params`` None) by ``hf_sharded.load_hf_sharded`` (each host reads its shards' bytes), a
-    loaded one (BERT) or the cached pretrained base placed by ``sharding.put``. Without it: one
-    device's arrays (what the callers that place trees themselves expect).
+    (``hf_params`` None) by ``hf_sharded.load_hf_sharded`` (each host reads its shards' bytes),
+    the cached pretrained base by ``io.load_params(like=...)`` (orbax reads each host's shards
+    alone; no host holds a whole leaf), a loaded one (BERT) placed by ``sharding.put``. Without
+    it: one device's arrays, or the cached base's host arrays (what the callers that place trees
+    themselves expect).
 
     Pretraining holds a lock on the cache folder (``WorkdirLock(name='base', wait=True)``): a
     second process that needs the same uncached base waits for the first, logging its pid, then
@@ -214,8 +216,10 @@ def base_params(cfg: Experiment, model, hf_params, example, *, mesh=None):
     """
     rules = None if mesh is None else sharding.logical_rules(cfg.mesh)
     place = lambda p: p if mesh is None else sharding.put(
-        p, sharding.base_shardings(sharding.param_logical_specs(model, example), mesh, rules, p),
+        p, jax.tree.map(lambda x: x.sharding, _sharded_shapes(model, example, mesh, rules)),
         may_alias=True)
+    read = lambda path: io.load_params(
+        path, None if mesh is None else _sharded_shapes(model, example, mesh, rules))
     if cfg.base.source == "hf":
         if not cfg.model.hf_path:
             raise ValueError("base.source='hf' needs model.hf_path")
@@ -244,7 +248,7 @@ def base_params(cfg: Experiment, model, hf_params, example, *, mesh=None):
     path = workdir / "params"
     if path.exists():
         log(f"base model: cached at {workdir}")
-        return place(io.load_params(path))
+        return read(path)
     # One process pretrains into the cache; another that needs the same base waits, then loads it.
     with wd.WorkdirLock(workdir, jax.process_index(), name="base", wait=True,
                         log=lambda m: log(f"base model: {m} while it pretrains this base; "
@@ -256,7 +260,17 @@ def base_params(cfg: Experiment, model, hf_params, example, *, mesh=None):
                 f"({pre.train.steps} steps; cached at {workdir})")
             if train_and_evaluate(pre, workdir).get("interrupted"):
                 return None
-    return place(io.load_params(path))
+    return read(path)
+
+
+def _sharded_shapes(model, example, mesh, rules):
+    """The base's ``jax.ShapeDtypeStruct``s, each with its ``NamedSharding`` on ``mesh`` by
+    ``rules``: from an abstract init (``jax.eval_shape``), so nothing is allocated."""
+    init = lambda: lj.transform._unbox(model.init(jax.random.key(0), example)["params"])
+    shapes = jax.eval_shape(init)
+    out = sharding.base_shardings(sharding.param_logical_specs(model, example), mesh, rules, shapes)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
+                        out)
 
 
 def quantize_base(cfg: Experiment, model, params, example):
