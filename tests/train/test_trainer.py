@@ -360,3 +360,27 @@ def test_cached_base_is_read_into_its_shards_and_never_whole(tmp_path, monkeypat
                            jax.tree.leaves(pretrained)):
             assert x.sharding == p.sharding
             np.testing.assert_array_equal(x, y)
+
+
+def test_a_bert_checkpoint_is_read_into_its_shards_by_the_trainer(tmp_path):
+    """``build_model(weights=False)`` reads a BERT checkpoint's config.json alone; ``base_params``
+    on 8 devices under ``fsdp`` reads its tensors straight into their shards, with the config's
+    head (a fresh classifier), equal to the whole load."""
+    from lora_jax import sharding
+    from lora_jax.train.config import MeshConfig
+    from tests.models.test_bert import HF, hf_weights, write_checkpoint
+
+    cfg = from_dict(Experiment, load_config("bert_lora").to_dict())
+    cfg = dataclasses.replace(
+        cfg, mesh=MeshConfig(preset="fsdp"), base=dataclasses.replace(cfg.base, source="hf"),
+        model=dataclasses.replace(cfg.model, hf_path=write_checkpoint(tmp_path, hf_weights(HF))))
+    model, _, hf_params = trainer.build_model(cfg.model, HF["vocab_size"], weights=False)
+    assert hf_params is None and model.cfg.head == "sequence"
+    params = trainer.base_params(cfg, model, None, jnp.zeros((1, 8), jnp.int32),
+                                 mesh=sharding.make_mesh(cfg.mesh))
+    _, _, want = trainer.build_model(cfg.model, HF["vocab_size"])  # read whole
+    assert jax.tree.structure(params) == jax.tree.structure(want)
+    for kp, x in jax.tree_util.tree_leaves_with_path(params):
+        if jax.tree_util.keystr(kp) != "['classifier']['bias']":  # (n_labels,): no logical axis
+            assert max(s.data.size for s in x.addressable_shards) < x.size, kp
+    jax.tree.map(np.testing.assert_array_equal, params, want)
