@@ -25,7 +25,8 @@ import numpy as np
 
 from lora_jax.models.bert import BertConfig, bert_module
 from lora_jax.models.hf import (
-    KeyMap, _identity, _set_path, _transpose_reshape, check_keys, read_safetensors, stack_layers)
+    KeyMap, _check_structure, _identity, _set_path, _transpose_reshape, check_keys,
+    read_safetensors, stack_layers)
 
 _IGNORED = re.compile(r"(embeddings\.position_ids|pooler\..*|cls\..*)$")
 
@@ -187,14 +188,3 @@ def load_bert_checkpoint(path: str, *, seed: int = 0, **config) -> tuple[nn.Modu
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype=cfg.param_dtype), params)
     _check_structure(module, params)
     return module, params
-
-
-def _check_structure(module: nn.Module, params: dict):
-    """Guards the key map: loaded params must match the module's own init tree exactly."""
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    expected = jax.eval_shape(lambda: module.init(jax.random.key(0), tokens))["params"]
-    expected = jax.tree.map(lambda x: x.shape, nn.meta.unbox(expected))
-    got = jax.tree.map(lambda x: x.shape, params)
-    if expected != got:
-        raise AssertionError(f"BERT key map out of sync with {type(module).__name__}: "
-                             f"expected {expected}, built {got}.")
