@@ -34,7 +34,7 @@ _IGNORED = {
     "gpt2": re.compile(r"(h\.\d+\.attn\.(masked_)?bias)$"),
     "llama": re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$"),
 }
-_STACK_PREFIX = {"gpt2": "h", "llama": "layers"}
+STACK_PREFIX = {"gpt2": "h", "llama": "layers", "bert": "layers"}  # stacked layers' name
 
 
 # ----------------------------------------------------------------------------- scan layout
@@ -283,9 +283,36 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     return tensors
 
 
-def _check_keys(tensors: dict, key_map: KeyMap, ignored: re.Pattern, path: str):
-    unexpected = sorted(k for k in tensors if k not in key_map and not ignored.match(k))
-    missing = sorted(k for k in key_map if k not in tensors)
+def checkpoint_map(module: nn.Module, shapes: dict[str, tuple], path: str
+                   ) -> tuple[KeyMap, dict[str, str]]:
+    """``(key map, {key-map name: stored name})`` of ``module`` over a checkpoint whose tensors
+    have ``shapes`` (keyed by stored name), after checking that the checkpoint has every tensor
+    the key map needs, in its shape, and nothing unexpected. The whole loaders (here,
+    ``hf_bert.py``) and the sharded one (``hf_sharded.py``) read through it.
+
+    GPT-2 names may carry a ``transformer.`` prefix and its LM head (tied to ``wte``) is
+    skipped, as is a tied Llama's; BERT's map is ``hf_bert.bert_checkpoint_map``.
+    """
+    cfg = module.cfg
+    if isinstance(cfg, BertConfig):
+        from lora_jax.models.hf_bert import bert_checkpoint_map
+
+        return bert_checkpoint_map(cfg, shapes, path)
+    if isinstance(cfg, GPT2Config):
+        family, key_map = "gpt2", gpt2_key_map(cfg)
+        stored = {k.removeprefix("transformer."): k for k in shapes if k != "lm_head.weight"}
+    else:
+        family, key_map = "llama", llama_key_map(cfg)
+        stored = {k: k for k in shapes if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    check_keys({k: shapes[v] for k, v in stored.items()}, key_map, _IGNORED[family], path)
+    return key_map, stored
+
+
+def check_keys(shapes: dict[str, tuple], key_map: KeyMap, ignored: re.Pattern, path: str):
+    """Raises ``ValueError`` naming the missing, unexpected (not ``ignored``) and mis-shaped
+    tensors of a checkpoint (``shapes``: key-map name -> stored shape)."""
+    unexpected = sorted(k for k in shapes if k not in key_map and not ignored.match(k))
+    missing = sorted(k for k in key_map if k not in shapes)
     if missing or unexpected:
         raise ValueError(
             f"Checkpoint {path!r} does not match its config.json: missing keys {missing[:10]}"
@@ -294,9 +321,9 @@ def _check_keys(tensors: dict, key_map: KeyMap, ignored: re.Pattern, path: str):
             "Check model_type, num_hidden_layers/n_layer and tie_word_embeddings."
         )
     for k, (_, shape, _) in key_map.items():
-        if tuple(tensors[k].shape) != shape:
+        if tuple(shapes[k]) != shape:
             raise ValueError(f"Checkpoint {path!r}: tensor {k!r} has shape "
-                             f"{tuple(tensors[k].shape)}, but config.json implies {shape}.")
+                             f"{tuple(shapes[k])}, but config.json implies {shape}.")
 
 
 def _set_path(tree: dict, path: tuple[str, ...], value):
@@ -343,21 +370,13 @@ def load_hf_checkpoint(
                          param_dtype=param_dtype)
     family = hf_cfg["model_type"]
     module = GPT2(cfg) if family == "gpt2" else Llama(cfg)
-    key_map = gpt2_key_map(cfg) if family == "gpt2" else llama_key_map(cfg)
-
     tensors = read_safetensors(path)
-    if family == "gpt2":
-        tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()
-                   if k != "lm_head.weight"}  # the LM head is tied to wte
-    elif cfg.tie_embeddings:
-        tensors.pop("lm_head.weight", None)
-    _check_keys(tensors, key_map, _IGNORED[family], path)
-
+    key_map, stored = checkpoint_map(module, {k: v.shape for k, v in tensors.items()}, path)
     params: dict = {}
     for k, (our_path, _, convert) in key_map.items():
-        _set_path(params, our_path, convert(np.asarray(tensors[k])))
+        _set_path(params, our_path, convert(np.asarray(tensors[stored[k]])))
     if scan_layers:
-        params = stack_layers(params, _STACK_PREFIX[family])
+        params = stack_layers(params, STACK_PREFIX[family])
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype=param_dtype), params)
     _check_structure(module, params)
     return module, params
@@ -429,7 +448,7 @@ def params_to_hf(cfg: GPT2Config | LlamaConfig, params: dict, *,
     import ml_dtypes
 
     family = "gpt2" if isinstance(cfg, GPT2Config) else "llama"
-    prefix = _STACK_PREFIX[family]
+    prefix = STACK_PREFIX[family]
     if prefix in params:
         params = unstack_layers(params, prefix)
     key_map = gpt2_key_map(cfg) if family == "gpt2" else llama_key_map(cfg)

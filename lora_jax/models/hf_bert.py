@@ -7,8 +7,9 @@ are (out, in) and are transposed, and the q/k/v/o projections are reshaped into 
 pooling comes from a sentence-transformers `1_Pooling/config.json` beside the weights when there
 is one ('mean' for all-MiniLM-L6-v2), else 'cls'; with 'mean' the checkpoint's pooler is unused
 and skipped. A head (`head='sequence'|'token'`) is freshly initialised unless the checkpoint has
-a `classifier`. Missing, unexpected and mis-shaped tensors raise errors that name them; GPT-2 and
-Llama loading is `hf.py`'s.
+a `classifier`. Missing, unexpected and mis-shaped tensors raise errors that name them
+(`bert_checkpoint_map`, which `hf_sharded.load_hf_sharded` reads through as well, straight into
+shards); GPT-2 and Llama loading is `hf.py`'s.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -25,7 +25,8 @@ import numpy as np
 
 from lora_jax.models.bert import BertConfig, bert_module
 from lora_jax.models.hf import (
-    KeyMap, _check_keys, _identity, _set_path, _transpose_reshape, read_safetensors, stack_layers)
+    KeyMap, _check_structure, _identity, _set_path, _transpose_reshape, check_keys,
+    read_safetensors, stack_layers)
 
 _IGNORED = re.compile(r"(embeddings\.position_ids|pooler\..*|cls\..*)$")
 
@@ -109,82 +110,81 @@ def bert_key_map(cfg: BertConfig) -> KeyMap:
     return m
 
 
-def load_bert_checkpoint(
-    path: str,
-    *,
-    pooling: str | None = None,
-    head: str = "none",
-    n_labels: int = 2,
-    seed: int = 0,
-    scan_layers: bool = False,
-    remat: bool = False,
-    dtype: Any = jnp.float32,
-    param_dtype: Any = jnp.float32,
-    **overrides,
-) -> tuple[nn.Module, dict]:
-    """Loads a Hugging Face BERT directory into `Bert` (or a head module) and its params.
+def bert_checkpoint_map(cfg: BertConfig, shapes: dict[str, tuple], path: str
+                        ) -> tuple[KeyMap, dict[str, str]]:
+    """``hf.checkpoint_map`` for BERT: ``(key map, {key-map name: stored name})``, checked.
 
-    Args:
-      path: directory with `config.json` and `model.safetensors` (or a sharded index).
-      pooling: 'cls' or 'mean'; default: the folder's sentence-transformers pooling, else 'cls'.
-      head: 'none' (returns `Bert`), 'sequence' or 'token' (params under 'bert' + 'classifier').
-      n_labels: the head's outputs; seed: PRNG seed of a head the checkpoint lacks.
-      scan_layers: stack layer params on axis 0 under `layers`.
-      dtype, param_dtype: compute dtype of the module; dtype of the returned params.
-      overrides: other `BertConfig` fields the checkpoint does not set (`dropout_rate`, ...).
-    Returns:
-      (module, params): params are plain jax arrays shaped as `module.init(...)['params']`.
+    Stored names may carry a ``bert.`` prefix. With a head (``cfg.head != 'none'``) our paths
+    sit under ``bert`` and a checkpoint's ``classifier`` maps onto ours (transposed); without
+    one, a checkpoint's classifier is skipped. A head the checkpoint lacks is not in the map
+    (``fresh_head`` makes it).
     """
+    key_map = bert_key_map(cfg)
+    head = {k: tuple(v) for k, v in shapes.items() if k.startswith("classifier.")}
+    if cfg.head != "none":
+        key_map = {k: (("bert", *ours), shape, convert)
+                   for k, (ours, shape, convert) in key_map.items()}
+    if cfg.head != "none" and head:
+        n, d = cfg.n_labels, cfg.d_model
+        if head != {"classifier.weight": (n, d), "classifier.bias": (n,)}:
+            raise ValueError(f"Checkpoint {path!r}: classifier tensors {head} do not fit "
+                             f"n_labels={n}, d_model={d}; pass the matching n_labels.")
+        key_map["classifier.weight"] = (("classifier", "kernel"), (n, d), np.transpose)
+        key_map["classifier.bias"] = (("classifier", "bias"), (n,), _identity)
+    stored = {k.removeprefix("bert."): k for k in shapes if cfg.head != "none" or k not in head}
+    check_keys({k: shapes[v] for k, v in stored.items()}, key_map, _IGNORED, path)
+    return key_map, stored
+
+
+def bert_hf_module(path: str, *, pooling: str | None = None, **config) -> nn.Module:
+    """`Bert` (or its head module) for a Hugging Face BERT directory, from its `config.json` (and
+    a sentence-transformers pooling config) alone: no weights read. `config`: `BertConfig` fields
+    the checkpoint does not set (`head`, `n_labels`, `scan_layers`, `dtype`, ...)."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"No config.json in {path!r}; pass a Hugging Face model directory.")
     with open(cfg_path) as fh:
         hf_cfg = json.load(fh)
     pooling = pooling or sentence_transformers_pooling(path) or "cls"
-    cfg = bert_config_from_hf(hf_cfg, pooling=pooling, head=head, n_labels=n_labels,
-                              scan_layers=scan_layers, remat=remat, dtype=dtype,
-                              param_dtype=param_dtype, **overrides)
+    return bert_module(bert_config_from_hf(hf_cfg, pooling=pooling, **config))
+
+
+def fresh_head(module: nn.Module, seed: int, shardings=None) -> dict:
+    """The `classifier` of `module.init` with `seed`, alone (jit computes nothing else), placed
+    by `shardings` (a tree like it) if given."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    init = lambda key: nn.meta.unbox(module.init(key, tokens)["params"]["classifier"])
+    return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+
+
+def load_bert_checkpoint(path: str, *, seed: int = 0, **config) -> tuple[nn.Module, dict]:
+    """Loads a Hugging Face BERT directory into `Bert` (or a head module) and its params.
+
+    Args:
+      path: directory with `config.json` and `model.safetensors` (or a sharded index).
+      seed: PRNG seed of a head the checkpoint lacks.
+      config: `bert_hf_module`'s: `pooling` ('cls' or 'mean'; default: the folder's
+        sentence-transformers pooling, else 'cls'); `head` ('none' returns `Bert`; 'sequence' or
+        'token' a head module, params under 'bert' + 'classifier') and its `n_labels`;
+        `scan_layers` (layer params stacked on axis 0 under `layers`); `remat`; `dtype` and
+        `param_dtype` (compute dtype of the module; dtype of the returned params); other
+        `BertConfig` fields the checkpoint does not set (`dropout_rate`, ...).
+    Returns:
+      (module, params): params are plain jax arrays shaped as `module.init(...)['params']`.
+    """
+    module = bert_hf_module(path, **config)
+    cfg = module.cfg
     tensors = read_safetensors(path)
-    classifier = {k: v for k, v in tensors.items() if k.startswith("classifier.")}
-    tensors = {k.removeprefix("bert."): v for k, v in tensors.items()
-               if not k.startswith("classifier.")}
-    key_map = bert_key_map(cfg)
-    _check_keys(tensors, key_map, _IGNORED, path)
+    key_map, stored = bert_checkpoint_map(cfg, {k: v.shape for k, v in tensors.items()}, path)
     params: dict = {}
     for k, (ours, _, convert) in key_map.items():
-        _set_path(params, ours, convert(np.asarray(tensors[k])))
-    if scan_layers:
+        _set_path(params, ours, convert(np.asarray(tensors[stored[k]])))
+    if cfg.scan_layers and cfg.head == "none":
         params = stack_layers(params, "layers")
-    module = bert_module(cfg)
-    if head != "none":
-        params = {"bert": params, "classifier": _classifier(module, classifier, seed, path)}
-    params = jax.tree.map(lambda x: jnp.asarray(x, dtype=param_dtype), params)
+    elif cfg.scan_layers:
+        params["bert"] = stack_layers(params["bert"], "layers")
+    if cfg.head != "none" and "classifier" not in params:
+        params["classifier"] = fresh_head(module, seed)
+    params = jax.tree.map(lambda x: jnp.asarray(x, dtype=cfg.param_dtype), params)
     _check_structure(module, params)
     return module, params
-
-
-def _classifier(module: nn.Module, tensors: dict, seed: int, path: str) -> dict:
-    """The checkpoint's `classifier` (transposed) or a fresh one from the module's own init."""
-    if tensors:
-        w, b = tensors.get("classifier.weight"), tensors.get("classifier.bias")
-        n = module.cfg.n_labels
-        if w is None or b is None or w.shape != (n, module.cfg.d_model):
-            raise ValueError(f"Checkpoint {path!r}: classifier tensors "
-                             f"{ {k: v.shape for k, v in tensors.items()} } do not fit "
-                             f"n_labels={n}, d_model={module.cfg.d_model}; pass the matching "
-                             "n_labels.")
-        return {"kernel": np.asarray(w).T, "bias": np.asarray(b)}
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    fresh = module.init(jax.random.key(seed), tokens, mask=jnp.ones((1, 1), bool))
-    return nn.meta.unbox(fresh["params"]["classifier"])
-
-
-def _check_structure(module: nn.Module, params: dict):
-    """Guards the key map: loaded params must match the module's own init tree exactly."""
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    expected = jax.eval_shape(lambda: module.init(jax.random.key(0), tokens))["params"]
-    expected = jax.tree.map(lambda x: x.shape, nn.meta.unbox(expected))
-    got = jax.tree.map(lambda x: x.shape, params)
-    if expected != got:
-        raise AssertionError(f"BERT key map out of sync with {type(module).__name__}: "
-                             f"expected {expected}, built {got}.")

@@ -7,8 +7,10 @@ lazily (`safe_open(...).get_slice`) and reads only the rows and columns of the s
 (plus, where a converter reshapes one HF axis into several of ours and a trailing one of those is
 sharded too, the rest of that HF range). A process therefore reads about the bytes of its own
 devices' shards, one tensor at a time (each file is unmapped after every tensor, so the pages
-a strided read touched do not accumulate). The key maps (names, shapes, transposes and reshapes) are
-hf.py's; what lives here is only the slicing of a converted tensor back into HF coordinates.
+a strided read touched do not accumulate). It reads GPT-2, Llama and BERT; a BERT head that the
+checkpoint lacks is a jitted init with sharded outputs. The key maps (names, shapes, transposes
+and reshapes) and their checks are hf.py's (`checkpoint_map`) and hf_bert.py's; what lives here
+is only the slicing of a converted tensor back into HF coordinates.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from typing import Any
 
 import jax
@@ -25,25 +28,31 @@ from flax import linen as nn
 from safetensors import safe_open
 
 from lora_jax import sharding
-from lora_jax.models import hf
+from lora_jax.models import hf, hf_bert
 from lora_jax.models.gpt2 import GPT2
 from lora_jax.models.llama import Llama
 
-SHARDED_FAMILIES = ("gpt2", "llama")
+SHARDED_FAMILIES = ("gpt2", "llama", "bert")
 
 
-def _files(path: str) -> dict[str, str]:
-    """``{HF tensor name: safetensors file}`` for a single file or a sharded index."""
+def _files(path: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{HF tensor name: (safetensors file, shape)}`` for a single file or a sharded index (the
+    files' headers only)."""
     single = os.path.join(path, "model.safetensors")
-    if os.path.isfile(single):
-        with safe_open(single, "np") as f:
-            return {k: single for k in f.keys()}
     index = os.path.join(path, "model.safetensors.index.json")
-    if not os.path.isfile(index):
+    if os.path.isfile(single):
+        files = [single]
+    elif os.path.isfile(index):
+        with open(index) as fh:
+            files = sorted({os.path.join(path, v) for v in json.load(fh)["weight_map"].values()})
+    else:
         raise FileNotFoundError(f"No weights in {path!r}: expected 'model.safetensors' or "
                                 "'model.safetensors.index.json'")
-    with open(index) as fh:
-        return {k: os.path.join(path, v) for k, v in json.load(fh)["weight_map"].items()}
+    out = {}
+    for file in files:
+        with safe_open(file, "np") as f:
+            out.update({k: (file, tuple(f.get_slice(k).get_shape())) for k in f.keys()})
+    return out
 
 
 def _transposes(convert) -> bool:
@@ -102,52 +111,73 @@ def _leading(ours, t_shape) -> set[int]:
     return out
 
 
-def hf_module(path: str, **config):
-    """The GPT-2 or Llama module of a Hugging Face directory, from its ``config.json`` alone (no
-    weights read); ``config``: ``scan_layers``, ``remat``, ``dtype``, ``param_dtype``."""
+def _config(path: str) -> tuple[dict, str]:
+    """The directory's ``config.json`` and its ``model_type``, one ``SHARDED_FAMILIES`` knows."""
     with open(os.path.join(path, "config.json")) as fh:
         hf_cfg = json.load(fh)
     family = hf_cfg.get("model_type")
     if family not in SHARDED_FAMILIES:
         raise ValueError(f"{path!r} is a {family!r} checkpoint; sharded loading knows "
                          f"{SHARDED_FAMILIES} (load others whole with hf.load_hf_checkpoint)")
+    return hf_cfg, family
+
+
+def hf_module(path: str, overrides: dict | None = None, **config):
+    """The module of a Hugging Face directory, from its ``config.json`` alone (no weights read);
+    ``config``: ``scan_layers``, ``remat``, ``dtype``, ``param_dtype``. ``overrides``: a BERT
+    checkpoint's head and the fields it does not set (``hf_bert.bert_hf_module``'s; ``seed`` is
+    ``load_hf_sharded``'s); GPT-2 and Llama set every field themselves and ignore them, as in
+    ``hf.load_hf_checkpoint``."""
+    hf_cfg, family = _config(path)
+    if family == "bert":
+        overrides = {k: v for k, v in (overrides or {}).items() if k != "seed"}
+        return hf_bert.bert_hf_module(path, **config, **overrides)
     cfg = hf.config_from_hf(hf_cfg, **config)
     return GPT2(cfg) if family == "gpt2" else Llama(cfg)
 
 
 def load_hf_sharded(path: str, mesh, rules, *, scan_layers: bool = False, remat: bool = False,
-                    dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
+                    dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+                    overrides: dict | None = None):
     """``(module, params)`` like ``hf.load_hf_checkpoint``, each array created in its shards.
 
     Args:
       path: a directory with ``config.json`` and ``model.safetensors`` (or a sharded index).
       mesh, rules: ``sharding.make_mesh(...)``, ``sharding.logical_rules(...)``.
+      overrides: a BERT checkpoint's head and fields (see ``hf_module``), and ``seed``, the PRNG
+        seed of a head the checkpoint lacks (created by a jitted init in its shards).
     Returns:
       The module and its params (nested dict of ``jax.Array``s sharded by the rules); no host
       reads more of a tensor than its own devices' shards need (see the module docstring).
     """
-    module = hf_module(path, scan_layers=scan_layers, remat=remat, dtype=dtype,
+    module = hf_module(path, overrides, scan_layers=scan_layers, remat=remat, dtype=dtype,
                        param_dtype=param_dtype)
-    cfg, family = module.cfg, "gpt2" if isinstance(module, GPT2) else "llama"
-    key_map = hf.gpt2_key_map(cfg) if family == "gpt2" else hf.llama_key_map(cfg)
     files = _files(path)
-    stored = {k.removeprefix("transformer.") if family == "gpt2" else k: k for k in files}
-    missing = sorted(k for k in key_map if k not in stored)
-    if missing:
-        raise ValueError(f"Checkpoint {path!r} lacks {len(missing)} tensors of its config.json, "
-                         f"e.g. {missing[:5]}; check model_type and num_hidden_layers/n_layer")
+    key_map, stored = hf.checkpoint_map(module, {k: s for k, (_, s) in files.items()}, path)
 
     tokens = jnp.zeros((1, 1), jnp.int32)
     specs = sharding.param_logical_specs(module, tokens, mesh=mesh, rules=rules)
     shapes = jax.eval_shape(lambda: nn.meta.unbox(module.init(jax.random.key(0), tokens)["params"]))
     out_sh = sharding.base_shardings(specs, mesh, rules, shapes)
 
-    prefix = hf._STACK_PREFIX[family]  # noqa: SLF001 (hf.py should expose it; see report)
+    params: dict = {}
+    fresh = getattr(module.cfg, "head", "none") != "none" and "classifier.weight" not in key_map
+    if fresh:  # a BERT head the checkpoint lacks
+        params["classifier"] = hf_bert.fresh_head(module, (overrides or {}).get("seed", 0),
+                                                  out_sh["classifier"])
+
+    prefix = hf.STACK_PREFIX[_config(path)[1]]
+    layer_name = re.compile(rf"{prefix}_(\d+)")
+
+    def stacked(our):  # (layer or None, our path with a layer's name replaced by the stack's)
+        for j, part in enumerate(our):
+            if scan_layers and (m := layer_name.fullmatch(part)):
+                return int(m.group(1)), (*our[:j], prefix, *our[j + 1:])
+        return None, our
+
     by_path: dict[tuple, list] = {}  # our (stacked) path -> [(layer or None, hf name, entry)]
     for name, (our, hf_shape, convert) in key_map.items():
-        layer = None
-        if scan_layers and our[0].startswith(prefix + "_"):
-            layer, our = int(our[0].rsplit("_", 1)[1]), (prefix, *our[1:])
+        layer, our = stacked(our)
         by_path.setdefault(our, []).append((layer, name, hf_shape, convert))
 
     handles: dict[str, Any] = {}  # open while one parameter is built, then closed (unmapped)
@@ -164,7 +194,7 @@ def load_hf_sharded(path: str, mesh, rules, *, scan_layers: bool = False, remat:
 
         def one(entry, index):
             _, name, hf_shape, convert = entry
-            block = read_block(handle(files[stored[name]]), stored[name], hf_shape, ours,
+            block = read_block(handle(files[stored[name]][0]), stored[name], hf_shape, ours,
                                _transposes(convert), index)
             return block.astype(like.dtype)
 
@@ -178,9 +208,10 @@ def load_hf_sharded(path: str, mesh, rules, *, scan_layers: bool = False, remat:
 
     flat_shapes = jax.tree_util.tree_flatten_with_path(shapes)[0]
     flat_sh = jax.tree.leaves(out_sh)
-    params: dict = {}
     for (kp, like), s in zip(flat_shapes, flat_sh):
         our = tuple(k.key for k in kp)
+        if fresh and our[0] == "classifier":
+            continue
         if our not in by_path:
             raise ValueError(f"parameter {'/'.join(our)} of {type(module).__name__} has no HF "
                              "tensor in the key map")

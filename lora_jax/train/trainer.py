@@ -63,21 +63,18 @@ def build_model(mc: ModelConfig, vocab_size: int | None, *, weights: bool = True
     """``(module, model_config, params_or_None)``; params only for a Hugging Face checkpoint.
 
     ``vocab_size``: the tokenizer's, or None for data without tokens (images). ``weights=False``:
-    a GPT-2 or Llama checkpoint's module is built from its config.json alone and its params are
-    None (``base_params`` then reads them straight into their shards); other families (BERT)
-    are still loaded whole.
+    a GPT-2, Llama or BERT checkpoint's module is built from its config.json alone and its params
+    are None (``base_params`` then reads them straight into their shards).
     """
     dtypes = dict(dtype=jnp.dtype(mc.dtype), param_dtype=jnp.dtype(mc.param_dtype))
-    if mc.hf_path and not weights and _hf_family(mc.hf_path) in hf_sharded.SHARDED_FAMILIES:
-        module = hf_sharded.hf_module(mc.hf_path, scan_layers=mc.scan_layers, remat=mc.remat,
-                                      **dtypes)
-        module = module.clone(cfg=dataclasses.replace(module.cfg, remat_policy=mc.remat_policy))
-        _check_vocab(module.cfg, vocab_size, mc)
-        return module, module.cfg, None
     if mc.hf_path:
-        module, params = models.load_hf_checkpoint(mc.hf_path, scan_layers=mc.scan_layers,
-                                                   remat=mc.remat, **dtypes,
-                                                   overrides=_overrides(mc.overrides))
+        args = dict(scan_layers=mc.scan_layers, remat=mc.remat, **dtypes)
+        if not weights and _hf_family(mc.hf_path) in hf_sharded.SHARDED_FAMILIES:
+            module, params = hf_sharded.hf_module(mc.hf_path, _overrides(mc.overrides),
+                                                  **args), None
+        else:
+            module, params = models.load_hf_checkpoint(mc.hf_path, **args,
+                                                       overrides=_overrides(mc.overrides))
         if hasattr(module.cfg, "remat_policy"):
             module = module.clone(cfg=dataclasses.replace(module.cfg,
                                                           remat_policy=mc.remat_policy))
@@ -202,10 +199,12 @@ def base_params(cfg: Experiment, model, hf_params, example, *, mesh=None):
 
     With ``mesh`` (``sharding.make_mesh(cfg.mesh)``) the base is created in its shards, by
     ``cfg.mesh``'s rules: an init by ``sharding.init_sharded`` (a jitted init whose outputs are
-    sharded), a GPT-2/Llama checkpoint that ``build_model(weights=False)`` did not read
-    (``hf_params`` None) by ``hf_sharded.load_hf_sharded`` (each host reads its shards' bytes), a
-    loaded one (BERT) or the cached pretrained base placed by ``sharding.put``. Without it: one
-    device's arrays (what the callers that place trees themselves expect).
+    sharded), a checkpoint that ``build_model(weights=False)`` did not read (``hf_params`` None)
+    by ``hf_sharded.load_hf_sharded`` (each host reads its shards' bytes), the cached pretrained
+    base by ``io.load_params(like=...)`` (orbax reads each host's shards alone; no host holds a
+    whole leaf), a checkpoint the caller loaded whole (``hf_params``) placed by ``sharding.put``.
+    Without it: one device's arrays, or the cached base's host arrays (what the callers that
+    place trees themselves expect).
 
     Pretraining holds a lock on the cache folder (``WorkdirLock(name='base', wait=True)``): a
     second process that needs the same uncached base waits for the first, logging its pid, then
@@ -214,8 +213,10 @@ def base_params(cfg: Experiment, model, hf_params, example, *, mesh=None):
     """
     rules = None if mesh is None else sharding.logical_rules(cfg.mesh)
     place = lambda p: p if mesh is None else sharding.put(
-        p, sharding.base_shardings(sharding.param_logical_specs(model, example), mesh, rules, p),
+        p, jax.tree.map(lambda x: x.sharding, _sharded_shapes(model, example, mesh, rules)),
         may_alias=True)
+    read = lambda path: io.load_params(
+        path, None if mesh is None else _sharded_shapes(model, example, mesh, rules))
     if cfg.base.source == "hf":
         if not cfg.model.hf_path:
             raise ValueError("base.source='hf' needs model.hf_path")
@@ -224,6 +225,7 @@ def base_params(cfg: Experiment, model, hf_params, example, *, mesh=None):
         mc = cfg.model
         args = dict(scan_layers=mc.scan_layers, remat=mc.remat, dtype=jnp.dtype(mc.dtype),
                     param_dtype=jnp.dtype(mc.param_dtype))
+        args["overrides"] = _overrides(mc.overrides)  # a BERT checkpoint's head
         if mesh is None:
             return models.load_hf_checkpoint(mc.hf_path, **args)[1]
         return hf_sharded.load_hf_sharded(mc.hf_path, mesh, rules, **args)[1]
@@ -244,7 +246,7 @@ def base_params(cfg: Experiment, model, hf_params, example, *, mesh=None):
     path = workdir / "params"
     if path.exists():
         log(f"base model: cached at {workdir}")
-        return place(io.load_params(path))
+        return read(path)
     # One process pretrains into the cache; another that needs the same base waits, then loads it.
     with wd.WorkdirLock(workdir, jax.process_index(), name="base", wait=True,
                         log=lambda m: log(f"base model: {m} while it pretrains this base; "
@@ -256,7 +258,17 @@ def base_params(cfg: Experiment, model, hf_params, example, *, mesh=None):
                 f"({pre.train.steps} steps; cached at {workdir})")
             if train_and_evaluate(pre, workdir).get("interrupted"):
                 return None
-    return place(io.load_params(path))
+    return read(path)
+
+
+def _sharded_shapes(model, example, mesh, rules):
+    """The base's ``jax.ShapeDtypeStruct``s, each with its ``NamedSharding`` on ``mesh`` by
+    ``rules``: from an abstract init (``jax.eval_shape``), so nothing is allocated."""
+    init = lambda: lj.transform._unbox(model.init(jax.random.key(0), example)["params"])
+    shapes = jax.eval_shape(init)
+    out = sharding.base_shardings(sharding.param_logical_specs(model, example), mesh, rules, shapes)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
+                        out)
 
 
 def quantize_base(cfg: Experiment, model, params, example):

@@ -316,3 +316,71 @@ def test_eval_by_greedy_decoding_beside_teacher_forcing(tmp_path):
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_generate=True))
     summary = train_and_evaluate(cfg, tmp_path)
     assert summary["accuracy_generated"] == summary["accuracy"]
+
+
+def test_cached_base_is_read_into_its_shards_and_never_whole(tmp_path, monkeypatch):
+    """On 8 devices under ``fsdp`` a cached pretrained base goes from disk straight into its
+    shards (``io.load_params(like=)``): orbax reads every leaf shard by shard, never a whole leaf
+    on the host, both right after the pretraining and from the cache; values equal the whole read."""
+    from orbax.checkpoint import type_handlers
+    from orbax.checkpoint._src.serialization import serialization
+
+    from lora_jax import io, sharding
+    from lora_jax.train.config import MeshConfig
+    from tests.train.test_base_lock import tiny_pretrain_config
+
+    cfg = dataclasses.replace(tiny_pretrain_config(tmp_path), mesh=MeshConfig(preset="fsdp"))
+    model, _, _ = trainer.build_model(cfg.model, 320)
+    example = jnp.zeros((1, cfg.data.seq_len), jnp.int32)
+    mesh = sharding.make_mesh(cfg.mesh)
+    pretrained = trainer.base_params(  # an init on the mesh: the shardings a cached base gets
+        dataclasses.replace(cfg, base=dataclasses.replace(cfg.base, source="init")), model, None,
+        example, mesh=mesh)
+    monkeypatch.setattr(trainer, "train_and_evaluate",  # the pretraining's export, as it writes it
+                        lambda pre, workdir: io.save_params(workdir / "params", pretrained) or {})
+    reads, read_shard = [], serialization._read_shard
+
+    async def spy(t, **kwargs):  # records (the leaf's shape, the block read onto the host)
+        reads.append((tuple(t.shape), tuple(kwargs["restricted_domain"].shape)))
+        return await read_shard(t, **kwargs)
+
+    def whole(*_, **__):
+        raise AssertionError("the cached base was read whole onto the host")
+
+    with monkeypatch.context() as m:
+        m.setattr(serialization, "_read_shard", spy)
+        m.setattr(type_handlers.NumpyHandler, "deserialize", whole)
+        params = [trainer.base_params(cfg, model, None, example, mesh=mesh) for _ in range(2)]
+    assert {leaf for leaf, _ in reads} == {x.shape for x in jax.tree.leaves(pretrained)}
+    assert all(block != leaf for leaf, block in reads), reads  # shard by shard, none whole
+    want = io.load_params(next(tmp_path.glob("base-*")) / "params")  # the host read
+    for got in params:  # after the pretraining, then from the cache
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        for x, y, p in zip(jax.tree.leaves(got), jax.tree.leaves(want),
+                           jax.tree.leaves(pretrained)):
+            assert x.sharding == p.sharding
+            np.testing.assert_array_equal(x, y)
+
+
+def test_a_bert_checkpoint_is_read_into_its_shards_by_the_trainer(tmp_path):
+    """``build_model(weights=False)`` reads a BERT checkpoint's config.json alone; ``base_params``
+    on 8 devices under ``fsdp`` reads its tensors straight into their shards, with the config's
+    head (a fresh classifier), equal to the whole load."""
+    from lora_jax import sharding
+    from lora_jax.train.config import MeshConfig
+    from tests.models.test_bert import HF, hf_weights, write_checkpoint
+
+    cfg = from_dict(Experiment, load_config("bert_lora").to_dict())
+    cfg = dataclasses.replace(
+        cfg, mesh=MeshConfig(preset="fsdp"), base=dataclasses.replace(cfg.base, source="hf"),
+        model=dataclasses.replace(cfg.model, hf_path=write_checkpoint(tmp_path, hf_weights(HF))))
+    model, _, hf_params = trainer.build_model(cfg.model, HF["vocab_size"], weights=False)
+    assert hf_params is None and model.cfg.head == "sequence"
+    params = trainer.base_params(cfg, model, None, jnp.zeros((1, 8), jnp.int32),
+                                 mesh=sharding.make_mesh(cfg.mesh))
+    _, _, want = trainer.build_model(cfg.model, HF["vocab_size"])  # read whole
+    assert jax.tree.structure(params) == jax.tree.structure(want)
+    for kp, x in jax.tree_util.tree_leaves_with_path(params):
+        if jax.tree_util.keystr(kp) != "['classifier']['bias']":  # (n_labels,): no logical axis
+            assert max(s.data.size for s in x.addressable_shards) < x.size, kp
+    jax.tree.map(np.testing.assert_array_equal, params, want)
