@@ -1,10 +1,11 @@
 """Data for lora_jax: tokenizers, synthetic tasks, local text/JSONL datasets, train/eval loaders.
 
-Every dataset comes out as a dict of numpy arrays, the contract with the trainer, whose keys
-depend on its kind (`kinds.py`, the table from `DataConfig.kind` to its loader): for language
-modelling `inputs` int32 (N, T), `targets` int32 (N, T) (next tokens), `loss_mask` float32 (N, T),
-`task_ids` int32 (N,), and for packed rows (the `text` and `jsonl` kinds) `segment_ids` int32 (N, T)
-(0 on padding, 1, 2, ... per example in the row); for classification the model's inputs, `labels` int32 (N,) and `task_ids`.
+Every dataset comes out as named numpy arrays (a dict, or `Rows` built only when taken), the
+contract with the trainer, whose keys depend on its kind (`kinds.py`, the table from
+`DataConfig.kind` to its loader): for language modelling `inputs` int32 (N, T), `targets` int32
+(N, T) (next tokens), `loss_mask` float32 (N, T), `task_ids` int32 (N,), and for packed rows (the
+`text` and `jsonl` kinds) `segment_ids` int32 (N, T) (0 on padding, 1, 2, ... per example in the
+row); for classification the model's inputs, `labels` int32 (N,) and `task_ids`.
 Pure numpy: nothing here imports JAX, and importing has no side effects.
 """
 

@@ -166,8 +166,9 @@ class EvalLoader:
                  allgather: Callable[[np.ndarray], np.ndarray] | None = None):
         rows = Rows.of(rows)
         if global_batch_size < 1 or global_batch_size % process_count:
-            raise ValueError(f"eval batch size {global_batch_size} must be a positive multiple "
-                             f"of process_count={process_count}.")
+            raise ValueError(f"eval global_batch_size={global_batch_size} must be a positive "
+                             f"multiple of process_count={process_count}; use e.g. "
+                             f"{max(1, global_batch_size // process_count) * process_count}.")
         if process_count > 1 and allgather is None:
             raise ValueError(f"process_count={process_count} needs allgather (e.g. the "
                              "trainer's, over jax's process_allgather).")
