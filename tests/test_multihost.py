@@ -20,11 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = "d_model=32,n_layers=2,n_head=2,n_positions=32,vocab_size=320"
 ARGS = ["--config=configs/lora.py", "--config.base.source=init",
         f"--config.model.overrides={TINY}", "--config.mesh.preset=fsdp_tp",
-        "--config.data.n_train_per_task=32", "--config.data.n_eval_per_task=8",
+        "--config.data.n_train_per_task=32", "--config.data.n_eval_per_task=5",
         "--config.data.seq_len=24", "--config.train.batch_size=8", "--config.train.steps=6",
         "--config.train.log_every=1", "--config.train.checkpoint_every=3",
         "--config.train.keep_checkpoints=3", "--config.train.eval_every=1000",
-        "--config.train.eval_batch_size=16"]
+        "--config.train.eval_batch_size=4"]  # 10 eval rows: 5 per process, 3 batches of 2 each
 RTOL = 1e-5  # as tests/test_sharding.py: only the order of cross-device reductions differs
 
 
@@ -76,6 +76,15 @@ def _losses(workdir) -> dict:
     return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
 
 
+def _assert_same_evals(workdir, reference, err_msg="") -> None:
+    """The base and final eval numbers of ``summary.json`` match ``reference``'s."""
+    got, want = (json.loads((Path(d) / "summary.json").read_text()) for d in (workdir, reference))
+    np.testing.assert_allclose([got["base_eval_loss"], got["final_eval_loss"]],
+                               [want["base_eval_loss"], want["final_eval_loss"]], rtol=RTOL,
+                               err_msg=err_msg)
+    assert (got["base_accuracy"], got["accuracy"]) == (want["base_accuracy"], want["accuracy"])
+
+
 def _resume_copy(src, dst, step: int):
     """A workdir holding only ``src``'s checkpoint ``step`` (and its run identity)."""
     dst.mkdir()
@@ -94,6 +103,7 @@ def test_two_processes_match_one_and_checkpoints_move_between_them(tmp_path):
     assert sorted(l1) == sorted(l2) == [1, 2, 3, 4, 5, 6]  # process 0 alone writes metrics
     np.testing.assert_allclose([l2[s] for s in l1], list(l1.values()), rtol=RTOL)
     assert (two / "adapter" / "adapters.msgpack").exists()
+    _assert_same_evals(two, one)  # each process scored its half of the eval rows
 
     # 2-process checkpoint -> 1-process run, and 1-process checkpoint -> 2-process run.
     _resume_copy(two, tmp_path / "two_to_one", 3)
@@ -105,6 +115,7 @@ def test_two_processes_match_one_and_checkpoints_move_between_them(tmp_path):
         assert sorted(resumed) == [4, 5, 6], d
         np.testing.assert_allclose([resumed[s] for s in (4, 5, 6)], [l1[s] for s in (4, 5, 6)],
                                    rtol=RTOL, err_msg=d)
+        _assert_same_evals(tmp_path / d, one, d)
 
 
 @pytest.mark.slow

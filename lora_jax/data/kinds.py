@@ -18,10 +18,12 @@ names)`), which batch keys the model takes, in order (`inputs`), what is learned
   its one task is `sentences.TASK`); `images` the digits suite of `images.py` (`images` float32
   (N, 8, 8, 1), tasks `images.task_names()`).
 
-Per-host loading: `load(..., process_index, process_count, allgather)` returns the `tasks` and
-`jsonl` train sets as `Rows` built only when taken (`loader.py`), so each host tokenises only the
-rows of its batches; `text` (one document), `sentences` and `images` (small, generated) are built
-whole, and so is every eval set (each host scores the whole eval set).
+Per-host loading: `load(..., process_index, process_count, allgather)` returns the `tasks`,
+`jsonl` and `text` train and eval sets as `Rows` built only when taken (`loader.py`): a host
+tokenises only the rows of its train batches (`ArrayLoader`) and of its eval share
+(`EvalLoader`). `text` is one document, tokenised whole on every host (`text.text_rows` says why);
+its rows are cut out of the token stream when taken. `sentences` and `images` (small, generated)
+are built whole; each host still scores only its share of their eval rows.
 
 The losses live in `lora_jax.train.steps` (`objective_for`); this module is numpy only.
 """
@@ -35,8 +37,8 @@ from typing import Any, Callable
 import numpy as np
 
 from lora_jax.data import images, sentences
-from lora_jax.data.tasks import TASKS, make_task_dataset, task_rows
-from lora_jax.data.text import jsonl_rows, load_jsonl, load_text
+from lora_jax.data.tasks import TASKS, task_rows
+from lora_jax.data.text import jsonl_rows, text_rows
 from lora_jax.data.tokenizers import get_tokenizer
 
 OBJECTIVES = ("lm", "classify")
@@ -52,7 +54,7 @@ class Kind:
     tokenizer: Callable[[Any], Any]  # dc -> tokenizer (with a vocab) or None
     example: Callable[[Any], np.ndarray]  # dc -> zeros shaped (1, ...) like one model input
     load: Callable[..., tuple]  # (dc, tokenizer, process_index, process_count, allgather) ->
-    #   (train rows (`Rows`, built only when taken) or arrays, eval arrays (whole), task names)
+    #   (train rows, eval rows, task names); rows: `Rows` (built only when taken) or arrays
     files: Callable[[Any], list[str]] = lambda dc: []  # local files read (digests in run.json)
     pretrain_kind: str = ""  # the built-in kind a cached base is pretrained on ('' = itself)
     tokens: bool = True  # a row is `seq_len` tokens (throughput is also counted in tokens)
@@ -73,10 +75,8 @@ def _tokens_example(dc) -> np.ndarray:
 
 
 def _load_tasks(dc, tokenizer, process_index=0, process_count=1, allgather=None):
-    train = task_rows(dc.tasks, "train", dc.n_train_per_task, dc.seed, dc.seq_len, tokenizer)
-    evals = make_task_dataset(dc.tasks, "eval", dc.n_eval_per_task, dc.seed, dc.seq_len,
-                              tokenizer)
-    return train, evals, tuple(dc.tasks)
+    rows = lambda split, n: task_rows(dc.tasks, split, n, dc.seed, dc.seq_len, tokenizer)
+    return rows("train", dc.n_train_per_task), rows("eval", dc.n_eval_per_task), tuple(dc.tasks)
 
 
 def _check_files(dc) -> None:
@@ -88,13 +88,14 @@ def _check_files(dc) -> None:
 
 
 def _load_jsonl(dc, tokenizer, process_index=0, process_count=1, allgather=None):
-    train = jsonl_rows(dc.train_path, tokenizer, dc.seq_len, process_index=process_index,
-                       process_count=process_count, allgather=allgather)
-    return train, load_jsonl(dc.eval_path, tokenizer, dc.seq_len, pack=False), ("all",)
+    read = lambda path, pack: jsonl_rows(path, tokenizer, dc.seq_len, pack=pack,
+                                         process_index=process_index,
+                                         process_count=process_count, allgather=allgather)
+    return read(dc.train_path, True), read(dc.eval_path, False), ("all",)
 
 
 def _load_text(dc, tokenizer, process_index=0, process_count=1, allgather=None):
-    read = lambda path: load_text([path], tokenizer, dc.seq_len)  # one document: whole
+    read = lambda path: text_rows([path], tokenizer, dc.seq_len)  # one document: whole
     return read(dc.train_path), read(dc.eval_path), ("all",)
 
 

@@ -6,8 +6,12 @@ uses its own permutation of the N rows (seeded by (seed, e)), batches take conse
 contiguous slice of the global batch, so resuming at step k needs only k, and the slices of
 all processes concatenate to the single-process batch. The permutation needs only the row count,
 so a process builds only the rows of its own slices (`Rows.take`): with a lazy `Rows` (the
-`tasks` and `jsonl` kinds) each host tokenises only the rows its batches use. Turning host
-arrays into sharded `jax.Array`s is the trainer's job, not this module's.
+`tasks`, `jsonl`, `text` and `sentences` kinds) each host tokenises only the rows its batches use.
+
+`EvalLoader` splits an eval set instead: process p builds, once, its contiguous share of the rows
+(N·p/P to N·(p+1)/P), feeds B / P of them to each global eval batch, and `gather` joins per-row
+results of every process back into row order. Turning host arrays into sharded `jax.Array`s is the
+trainer's job, not this module's.
 """
 
 from __future__ import annotations
@@ -132,3 +136,66 @@ class ArrayLoader:
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """Returns this process's slice of global batch `step`: name -> (B / count, ...)."""
         return self.rows.take(self.batch_indices(step))
+
+
+class EvalLoader:
+    """An eval set split over processes: process p holds rows N·p/P .. N·(p+1)/P, built once.
+
+    Global eval batch k is every process's rows k·b .. (k+1)·b of its share (b = B / P), in
+    process order; a share shorter than the others' is padded by wrapping around within itself
+    (process p builds no row outside its share, except row 0 when its share is empty, N < P).
+    With one process, batch k is rows k·B .. (k+1)·B, the last one wrapped around to row 0.
+    Per-row results of the real rows (`keep(k)` of each local batch), concatenated over the
+    batches and `gather`ed, are in row order: the same numbers, in the same order, as one process
+    would have.
+
+    Args:
+        rows: the eval set (`Rows`, built only when taken, or a dict of arrays (N, ...)).
+        global_batch_size: B, rows per eval step over all processes; a multiple of process_count.
+        process_index, process_count: this process's share.
+        allgather: `(x (n_local,)) -> (n,)`, the concatenation of every process's `x` in
+            process order (sizes may differ by process); not needed for one process.
+
+    >>> evals = EvalLoader({"x": np.arange(5)}, global_batch_size=4)
+    >>> evals.num_batches, evals.batch(1)["x"].tolist(), evals.keep(1)
+    (2, [4, 0, 1, 2], 1)
+    """
+
+    def __init__(self, rows: Mapping[str, np.ndarray], global_batch_size: int, *,
+                 process_index: int = 0, process_count: int = 1,
+                 allgather: Callable[[np.ndarray], np.ndarray] | None = None):
+        rows = Rows.of(rows)
+        if global_batch_size < 1 or global_batch_size % process_count:
+            raise ValueError(f"eval global_batch_size={global_batch_size} must be a positive "
+                             f"multiple of process_count={process_count}; use e.g. "
+                             f"{max(1, global_batch_size // process_count) * process_count}.")
+        if process_count > 1 and allgather is None:
+            raise ValueError(f"process_count={process_count} needs allgather (e.g. the "
+                             "trainer's, over jax's process_allgather).")
+        n, b = rows.num_rows, global_batch_size // process_count
+        lo, hi = n * process_index // process_count, n * (process_index + 1) // process_count
+        self.num_rows, self.global_batch_size, self.local_batch_size = n, global_batch_size, b
+        self.num_local = hi - lo
+        largest = -(-n // process_count)  # ceil(N / P): the longest share
+        self.num_batches = -(-largest // b)
+        self.rows = rows.take(np.arange(lo, hi) if hi > lo else [0])  # the share, built once
+        self._allgather = allgather if process_count > 1 else None
+
+    def keep(self, k: int) -> int:
+        """How many leading rows of local batch `k` are real (the rest is padding)."""
+        return int(np.clip(self.num_local - k * self.local_batch_size, 0,
+                           self.local_batch_size))
+
+    def batch(self, k: int) -> dict[str, np.ndarray]:
+        """Returns this process's slice of global eval batch `k`: name -> (B / P, ...)."""
+        idx = (k * self.local_batch_size + np.arange(self.local_batch_size)) % max(
+            self.num_local, 1)
+        return {key: v[idx] for key, v in self.rows.items()}
+
+    def gather(self, x: np.ndarray) -> np.ndarray:
+        """Per-row results of this process's real rows (`num_local`,) -> every row's (N,), in row
+        order (a collective: every process calls it)."""
+        x = np.asarray(x)
+        if len(x) != self.num_local:
+            raise ValueError(f"{len(x)} results for the {self.num_local} rows of this share.")
+        return x if self._allgather is None else np.asarray(self._allgather(x))

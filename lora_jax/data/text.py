@@ -3,7 +3,8 @@
 Also home of `rows_to_arrays`, the single place that lays token sequences out as the trainer's
 arrays (`inputs`, `targets`, `loss_mask`, `task_ids`, and `segment_ids` for packed rows; see its
 docstring), used by `tasks.py` too. `jsonl_rows` is a JSONL file's rows tokenised only when taken,
-for per-host loading (`loader.py`); a text file is one document and is tokenised whole. A row
+for per-host loading (`loader.py`); `text_rows` a text file's rows, cut out of its token stream
+when taken (a text file is one document, tokenised whole on every host: see `text_rows`). A row
 holds up to `seq_len + 1` tokens: `inputs` drop the last and `targets` the first, so both have
 exactly `seq_len` positions. Packed rows (JSONL examples, text documents) carry `segment_ids`, so
 the models attend block-diagonally and restart positions per segment, and the loss mask never
@@ -68,6 +69,36 @@ def rows_to_arrays(rows: Sequence[Sequence[int]], loss_flags: Sequence[Sequence[
     return out if segments is None else {**out, "segment_ids": segment_ids}
 
 
+def text_rows(paths: str | Sequence[str], tokenizer: Tokenizer, seq_len: int) -> Rows:
+    """The rows of `load_text(...)` (same arguments), each cut out of the token stream when taken.
+
+    The documents are tokenised whole, here, on every host: a subword tokenizer's tokens near a
+    cut depend on the text on both sides of it (and a sentencepiece one marks the start of every
+    piece it is given), so tokenising a byte range alone would not give one process's rows. What
+    a host keeps is the stream (int32, one per token); `take(indices)` lays out only those rows.
+    """
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    stream, docs = [], []  # the tokens, and each token's document
+    for doc, path in enumerate(paths):
+        with open(path, encoding="utf-8") as f:
+            tokens = tokenizer.encode(f.read()) + [tokenizer.eos_id]
+        stream.append(np.asarray(tokens, np.int32))
+        docs.append(np.full(len(tokens), doc, np.int32))
+    stream, docs = np.concatenate(stream), np.concatenate(docs)
+    if len(stream) < 2:
+        raise ValueError(f"text files {paths} hold no text; pass at least one non-empty file.")
+
+    def make(indices):
+        starts = np.asarray(indices, np.int64) * seq_len
+        rows = [stream[s:s + seq_len + 1] for s in starts]
+        segments = [docs[s:s + seq_len + 1] - docs[s] + 1 for s in starts]
+        flags = [np.ones(len(row), bool) for row in rows]
+        return rows_to_arrays(rows, flags, [0] * len(rows), seq_len, tokenizer.pad_id, segments)
+
+    return Rows(-(-(len(stream) - 1) // seq_len),
+                ("inputs", "targets", "loss_mask", "task_ids", "segment_ids"), make)
+
+
 def load_text(paths: str | Sequence[str], tokenizer: Tokenizer,
               seq_len: int) -> dict[str, np.ndarray]:
     """Tokenises plain text files into packed rows, loss on every token within a document.
@@ -82,21 +113,8 @@ def load_text(paths: str | Sequence[str], tokenizer: Tokenizer,
         The `rows_to_arrays` dict with `segment_ids`, N = ceil((stream_length - 1) / seq_len);
         `task_ids` all 0.
     """
-    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-    stream: list[int] = []
-    docs: list[int] = []  # each stream token's document
-    for doc, path in enumerate(paths):
-        with open(path, encoding="utf-8") as f:
-            tokens = tokenizer.encode(f.read()) + [tokenizer.eos_id]
-        stream.extend(tokens)
-        docs.extend([doc] * len(tokens))
-    if len(stream) < 2:
-        raise ValueError(f"text files {paths} hold no text; pass at least one non-empty file.")
-    starts = range(0, len(stream) - 1, seq_len)
-    rows = [stream[s:s + seq_len + 1] for s in starts]
-    segments = [[d - docs[s] + 1 for d in docs[s:s + seq_len + 1]] for s in starts]
-    flags = [[True] * len(row) for row in rows]
-    return rows_to_arrays(rows, flags, [0] * len(rows), seq_len, tokenizer.pad_id, segments)
+    rows = text_rows(paths, tokenizer, seq_len)
+    return rows.take(np.arange(rows.num_rows))
 
 
 def _parse_jsonl_line(line: str, where: str) -> tuple[str, str, int | str | None]:
@@ -160,11 +178,13 @@ def jsonl_rows(path: str, tokenizer: Tokenizer, seq_len: int, *, pack: bool = Tr
     """The rows of `load_jsonl(...)` (same arguments), each tokenised only when taken.
 
     Every process parses the file's lines (no tokenising). Packing needs every example's token
-    count: process p tokenises its contiguous share of the examples (p / count .. (p + 1) /
-    count), and `allgather(lengths int32 (n_local,)) -> (n,)` (the concatenation over processes
-    in process order; not needed for one process) gives all of them, so every process computes
-    the same rows as one process would. `take(indices)` tokenises only those rows' examples
-    (examples of this process's share are kept from the first pass).
+    count: process p tokenises its contiguous share of the examples in row order (by task, then
+    file order; examples n·p / count .. n·(p + 1) / count), and `allgather(lengths int32
+    (n_local,)) -> (n,)` (the concatenation over processes in process order; not needed for one
+    process) gives all of them, so every process computes the same rows as one process would.
+    `take(indices)` tokenises only those rows' examples (examples of this process's share are
+    kept from the first pass). Unpacked (`pack=False`, one example per row), a process's share
+    is exactly its `EvalLoader` share, rows n·p / count .. n·(p + 1) / count.
     """
     prompts, completions, tasks, lines = [], [], [], []
     with open(path, encoding="utf-8") as f:
@@ -178,7 +198,9 @@ def jsonl_rows(path: str, tokenizer: Tokenizer, seq_len: int, *, pack: bool = Tr
                          '{"prompt": "...", "completion": "..."}.')
     ids = _task_index(tasks, task_names, path, lines)
     n = len(prompts)
+    order = np.argsort(ids, kind="stable")  # the examples in row order: by task, then file order
     lo, hi = n * process_index // process_count, n * (process_index + 1) // process_count
+    share = order[lo:hi]
     cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # this process's share, compact
 
     def encode(i):
@@ -188,14 +210,16 @@ def jsonl_rows(path: str, tokenizer: Tokenizer, seq_len: int, *, pack: bool = Tr
                     np.arange(len(p) + len(c) + 2) > len(p))
         return cache[i]
 
-    for i in range(lo, hi):
+    for i in share:
         cache[i] = encode(i)
-    lengths = np.asarray([len(cache[i][0]) for i in range(lo, hi)], np.int32)
+    gathered = np.asarray([len(cache[i][0]) for i in share], np.int32)
     if process_count > 1:
-        lengths = np.asarray(allgather(lengths))
-    if lengths.shape != (n,):
-        raise ValueError(f"allgather returned {lengths.shape} lengths for the {n} examples of "
+        gathered = np.asarray(allgather(gathered))
+    if gathered.shape != (n,):
+        raise ValueError(f"allgather returned {gathered.shape} lengths for the {n} examples of "
                          f"{path}; it must concatenate every process's lengths in order.")
+    lengths = np.empty(n, np.int32)
+    lengths[order] = gathered
     if (lengths > seq_len + 1).any():
         i = int(np.argmax(lengths > seq_len + 1))
         raise ValueError(

@@ -232,10 +232,13 @@ def first_nonfinite_leaf(loss_fn: Callable, tx: optax.GradientTransformation, tr
 
 def make_eval_step(forward: Callable, shardings: sharding.TrainShardings | None = None,
                    objective: Objective = LM):
-    """``eval_step(trainable, frozen, host_batch) -> objective.scores`` (per-example arrays).
+    """``eval_step(trainable, frozen, local_batch) -> objective.scores`` of the batch's rows.
 
     ``forward(trainable, frozen, inputs, task_ids, rng, train) -> logits``, ``inputs`` the tuple
-    ``objective.model_inputs(batch)``.
+    ``objective.model_inputs(batch)``. With ``shardings`` the batch is this process's slice of a
+    global batch (``D.EvalLoader.batch``; ``sharding.shard_batch`` joins the slices) and the
+    scores come back sharded like it: each process reads only its own rows' scores, (B / P,)
+    numpy arrays in the order of its slice. Without: one device, the batch as given.
     """
 
     def eval_step(trainable, frozen, batch):
@@ -247,20 +250,37 @@ def make_eval_step(forward: Callable, shardings: sharding.TrainShardings | None 
         return jax.jit(eval_step)
     sh = shardings
     eval_jit = jax.jit(eval_step, in_shardings=(sh.trainable, sh.frozen, sh.batch),
-                       out_shardings=sh.replicated)
-    return lambda t, f, batch: eval_jit(t, f, sharding.replicate_batch(batch, sh.mesh))
+                       out_shardings=sh.batch)
+    return lambda t, f, batch: tuple(
+        _local_rows(x) for x in eval_jit(t, f, sharding.shard_batch(batch, sh.mesh)))
 
 
-def evaluate(eval_step, trainable, frozen, arrays, batch_size: int, tasks) -> dict[str, Any]:
-    """Eval loss and accuracy (per task and 'mean') on ``arrays``, by ``eval_step``'s scores."""
-    n = len(arrays["task_ids"])
-    loss_sum, count, correct = 0.0, 0.0, []
-    for start in range(0, n, batch_size):
-        idx = np.arange(start, start + batch_size) % n  # pad the last batch by wrapping around
-        keep = min(batch_size, n - start)
-        s, c, ok = (np.asarray(x)[:keep] for x in
-                    eval_step(trainable, frozen, {k: v[idx] for k, v in arrays.items()}))
-        loss_sum, count = loss_sum + float(s.sum()), count + float(c.sum())
-        correct.append(ok)
-    acc = D.per_task_accuracy(np.concatenate(correct), arrays["task_ids"], list(tasks))
-    return {"loss": loss_sum / max(count, 1.0), "accuracy": acc}
+def _local_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded ``x``, in the order it gave them: a process's rows
+    lie on its devices' slices, in index order (``jax.make_array_from_process_local_data``)."""
+    shards = {s.index[0].start or 0: s.data for s in x.addressable_shards}  # replicas: one
+    return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])
+
+
+def evaluate(eval_step, trainable, frozen, evals: D.EvalLoader, tasks) -> dict[str, Any]:
+    """Eval loss and accuracy (per task and 'mean') over every row of ``evals``.
+
+    Each process scores its share (``D.EvalLoader``: its slice of each global batch, padding
+    cut); the real rows' scores are gathered in row order and reduced as one process does: loss
+    = Σ loss sums / Σ weights, summed per global batch of B rows (float32) and then added, and
+    per-task accuracy over all rows. One process's numbers are exactly those it gave before eval
+    was split; P processes' equal them to float rounding (only the devices' reduction order
+    differs).
+    """
+    parts = []
+    for k in range(evals.num_batches):
+        keep = evals.keep(k)
+        parts.append([np.asarray(x)[:keep] for x in eval_step(trainable, frozen, evals.batch(k))])
+    s, c, ok = (np.concatenate(p) for p in zip(*parts))
+    s, c, ok = evals.gather(s), evals.gather(c), evals.gather(ok.astype(np.int32))
+    task_ids = evals.gather(evals.rows["task_ids"][:evals.num_local])
+    b = evals.global_batch_size
+    loss_sum = sum(float(s[i:i + b].sum()) for i in range(0, len(s), b))
+    count = sum(float(c[i:i + b].sum()) for i in range(0, len(c), b))
+    return {"loss": loss_sum / max(count, 1.0),
+            "accuracy": D.per_task_accuracy(ok, task_ids, list(tasks))}

@@ -146,10 +146,11 @@ def check_data(dc: DataConfig) -> None:
 
 
 def load_data(dc, tokenizer, process_index: int = 0, process_count: int = 1):
-    """``(train_rows, eval_arrays, task_names)`` for the data config (``tokenizer`` from
-    ``D.get_kind(dc.kind).tokenizer(dc)``). The train rows are built only when taken
-    (``D.Rows``): with ``process_index``/``process_count`` (the ``ArrayLoader``'s) a process
-    tokenises only its batches' rows; the rows are the same for any process count."""
+    """``(train_rows, eval_rows, task_names)`` for the data config (``tokenizer`` from
+    ``D.get_kind(dc.kind).tokenizer(dc)``). Rows are built only when taken (``D.Rows``): with
+    ``process_index``/``process_count`` (the ``ArrayLoader``'s and ``EvalLoader``'s) a process
+    tokenises only its train batches' rows and its eval share; the rows are the same for any
+    process count (a lookup ``rows['inputs']`` builds them all)."""
     return D.get_kind(dc.kind).load(dc, tokenizer, process_index, process_count, _allgather)
 
 
@@ -729,8 +730,9 @@ def _train(cfg, workdir, setup, sh, train_step, eval_step, loss_fn, loader, ckpt
     trainable, frozen = setup.trainable, setup.frozen  # placed by prepare
     opt_state = jax.jit(setup.tx.init, out_shardings=sh.opt_state)(trainable)
     start, (trainable, opt_state) = ckpts.restore_latest((trainable, opt_state))
-    run_eval = lambda t, f: evaluate(eval_step, t, f, eval_arrays, cfg.train.eval_batch_size,
-                                     tasks)
+    evals = D.EvalLoader(eval_arrays, cfg.train.eval_batch_size, allgather=_allgather,
+                         process_index=jax.process_index(), process_count=jax.process_count())
+    run_eval = lambda t, f: evaluate(eval_step, t, f, evals, tasks)  # each process: its share
     run = methods.Run(model=model, train_arrays=train_arrays, tasks=tuple(tasks),
                       steps=cfg.train.steps, seed=cfg.seed, workdir=workdir, evaluate=run_eval,
                       log=log, inputs=setup.objective.inputs)

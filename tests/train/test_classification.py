@@ -89,7 +89,7 @@ def test_evaluate_counts_each_example_once_when_the_last_batch_wraps_around():
 
     arrays = {"x": np.arange(5.0), "task_ids": np.array([0, 0, 0, 1, 1], np.int32)}
     step = lambda t, f, b: (b["x"], np.ones_like(b["x"]), b["x"] % 2 == 0)  # scores per row
-    out = evaluate(step, None, None, arrays, 4, ("a", "b"))
+    out = evaluate(step, None, None, D.EvalLoader(arrays, 4), ("a", "b"))
     assert out["loss"] == pytest.approx(2.0)  # mean of 0..4
     assert out["accuracy"] == {"a": pytest.approx(2 / 3), "b": 0.5,
                                "mean": pytest.approx((2 / 3 + 0.5) / 2)}
