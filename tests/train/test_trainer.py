@@ -47,7 +47,7 @@ def tiny(cfg: Experiment, steps: int = 2) -> Experiment:
         cfg,
         model=dataclasses.replace(cfg.model, preset="tiny", overrides=overrides, hf_path=""),
         base=dataclasses.replace(cfg.base, source="init"),
-        mesh=dataclasses.replace(cfg.mesh, num_devices=1),
+        mesh=dataclasses.replace(cfg.mesh, num_devices=1, fsdp2=0),  # the large configs: 8
         data=dataclasses.replace(cfg.data, n_train_per_task=16, n_eval_per_task=8, seq_len=24),
         train=dataclasses.replace(cfg.train, steps=steps, batch_size=8, eval_every=1000,
                                   log_every=1, checkpoint_every=1000, eval_batch_size=16),
