@@ -1,11 +1,10 @@
 """Per-host data: simulated processes (0, P) .. (P - 1, P) each tokenise only their share, and
 what they build, put together, is the 1-process data. Train: their local batches, concatenated,
 are the 1-process global batches (JSONL with packing, the built-in tasks, text in pieces of
-PIECE bytes). Eval: each
-builds only its contiguous share of the eval rows (every kind), the shares concatenated are the
-1-process eval set, and `steps.evaluate` over the shares gives the 1-process numbers. The
-processes run in threads, so the gathers (JSONL lengths, eval results) meet as the trainer's
-`allgather` does across real processes."""
+PIECE bytes). Eval: each builds only its contiguous share of the eval rows (every kind), the
+shares concatenated are the 1-process eval set, and `steps.evaluate` over the shares gives the
+1-process numbers. The processes run in threads, so the gathers (JSONL lengths, text piece
+lengths, eval results) meet as the trainer's `allgather` does across real processes."""
 
 import json
 import os
