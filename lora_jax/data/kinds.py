@@ -21,9 +21,10 @@ names)`), which batch keys the model takes, in order (`inputs`), what is learned
 Per-host loading: `load(..., process_index, process_count, allgather)` returns the `tasks`,
 `jsonl` and `text` train and eval sets as `Rows` built only when taken (`loader.py`): a host
 tokenises only the rows of its train batches (`ArrayLoader`) and of its eval share
-(`EvalLoader`). `text` is one document, tokenised whole on every host (`text.text_rows` says why);
-its rows are cut out of the token stream when taken. `sentences` and `images` (small, generated)
-are built whole; each host still scores only its share of their eval rows.
+(`EvalLoader`). `text` is one document, tokenised in pieces cut at fixed line starts
+(`text.text_rows`): a host tokenises its share of the pieces to count their tokens, and a row's
+pieces when taken. `sentences` and `images` (small, generated) are built whole; each host still
+scores only its share of their eval rows.
 
 The losses live in `lora_jax.train.steps` (`objective_for`); this module is numpy only.
 """
@@ -95,7 +96,8 @@ def _load_jsonl(dc, tokenizer, process_index=0, process_count=1, allgather=None)
 
 
 def _load_text(dc, tokenizer, process_index=0, process_count=1, allgather=None):
-    read = lambda path: text_rows([path], tokenizer, dc.seq_len)  # one document: whole
+    read = lambda path: text_rows([path], tokenizer, dc.seq_len, process_index=process_index,
+                                  process_count=process_count, allgather=allgather)
     return read(dc.train_path), read(dc.eval_path), ("all",)
 
 

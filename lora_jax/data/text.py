@@ -3,19 +3,21 @@
 Also home of `rows_to_arrays`, the single place that lays token sequences out as the trainer's
 arrays (`inputs`, `targets`, `loss_mask`, `task_ids`, and `segment_ids` for packed rows; see its
 docstring), used by `tasks.py` too. `jsonl_rows` is a JSONL file's rows tokenised only when taken,
-for per-host loading (`loader.py`); `text_rows` a text file's rows, cut out of its token stream
-when taken (a text file is one document, tokenised whole on every host: see `text_rows`). A row
-holds up to `seq_len + 1` tokens: `inputs` drop the last and `targets` the first, so both have
-exactly `seq_len` positions. Packed rows (JSONL examples, text documents) carry `segment_ids`, so
-the models attend block-diagonally and restart positions per segment, and the loss mask never
-predicts a token of another segment.
-No downloading: every host parses a file whole; shuffling and batching live in `loader.py`.
+for per-host loading (`loader.py`); `text_rows` a text file's rows, likewise (a text file is one
+document, tokenised in pieces cut at fixed line starts, so a host tokenises its share of the
+pieces, not the document: see `text_rows`). A row holds up to `seq_len + 1` tokens: `inputs`
+drop the last and `targets` the first, so both have exactly `seq_len` positions. Packed rows
+(JSONL examples, text documents) carry `segment_ids`, so the models attend block-diagonally and
+restart positions per segment, and the loss mask never predicts a token of another segment.
+No downloading: every host parses a JSONL file whole, and reads of a text file only the pieces
+it tokenises; shuffling and batching live in `loader.py`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Callable, Sequence
 
 import numpy as np
@@ -69,51 +71,160 @@ def rows_to_arrays(rows: Sequence[Sequence[int]], loss_flags: Sequence[Sequence[
     return out if segments is None else {**out, "segment_ids": segment_ids}
 
 
-def text_rows(paths: str | Sequence[str], tokenizer: Tokenizer, seq_len: int) -> Rows:
-    """The rows of `load_text(...)` (same arguments), each cut out of the token stream when taken.
+PIECE_BYTES = 1 << 14  # a text document is tokenised in pieces of about this many bytes
 
-    The documents are tokenised whole, here, on every host: a subword tokenizer's tokens near a
-    cut depend on the text on both sides of it (and a sentencepiece one marks the start of every
-    piece it is given), so tokenising a byte range alone would not give one process's rows. What
-    a host keeps is the stream (int32, one per token); `take(indices)` lays out only those rows.
+# Where a piece may end (the first of these at or after each multiple of the piece size): at
+# the start of a line that begins with a non-space, after a line ending in one; else (a line
+# longer than a piece) before a single space between two non-spaces; else at a character start
+# (never inside a UTF-8 character, nor between the two bytes of a CRLF).
+_LINE_START = re.compile(rb"(?:(?<=[^\s]\n)|(?<=[^\s]\r\n))(?=[^\s])")
+_WORD_START = re.compile(rb"(?<=[^\s])(?= [^\s])")
+_CHAR_START = re.compile(rb"(?=[^\x80-\xbf\n])|(?<!\r)(?=\n)")
+
+
+def _find_cut(f, lo: int, hi: int, size: int) -> int:
+    """Where the piece that starts in the window [lo, end = min(hi, size)) of the open binary
+    file `f` (of `size` bytes) starts: the window's first line start (`_LINE_START`), else, in a
+    whole window (hi <= size), its first word start, else character; else `end` (in the last,
+    partial window: the file's last piece is empty). Reads from `lo` on in growing chunks, and
+    at most the window when its lines are longer than the window."""
+    start, end = max(lo - 3, 0), min(hi, size)  # the lookbehinds see up to 3 bytes before lo
+    f.seek(start)
+    buf, chunk = b"", 512
+    while True:
+        buf += f.read(min(end, start + chunk) - start - len(buf))
+        found = _LINE_START.search(buf, lo - start)
+        if found:
+            return start + found.start()
+        if start + len(buf) >= end:
+            break
+        chunk *= 4
+    for pattern in (_WORD_START, _CHAR_START) if hi <= size else ():
+        found = pattern.search(buf, lo - start)
+        if found:
+            return start + found.start()
+    return end
+
+
+def text_rows(paths: str | Sequence[str], tokenizer: Tokenizer, seq_len: int, *,
+              process_index: int = 0, process_count: int = 1,
+              allgather: Callable[[np.ndarray], np.ndarray] | None = None,
+              piece_bytes: int | None = None) -> Rows:
+    """The rows of `load_text(...)` (same arguments), each tokenised only when taken.
+
+    A document is tokenised in pieces, at fixed places that depend on the file alone: with
+    K = `piece_bytes` (default `PIECE_BYTES`, 16 KiB), a document of S bytes has ceil(S / K)
+    pieces, and piece m >= 1 starts at the first line start in bytes m·K .. (m + 1)·K (a line
+    that begins with a non-space, after a line that ends in one: `_LINE_START`), so pieces are
+    whole lines, under 2K bytes. Each piece is tokenised alone, and the document's tokens are
+    its pieces' tokens concatenated, then EOS. A document of at most K bytes is one piece: its
+    tokens are `encode(text) + [EOS]`, as when tokenised whole. Only where no line starts in
+    those K bytes (long lines) is a line cut (before a space between two words, else at a
+    character; never in a CRLF), except in the last K bytes, where the document's last piece is
+    then empty. GPT-2's byte-level BPE gives exactly the whole document's tokens at line and
+    word starts (its pre-tokenizer splits there before merging); a sentencepiece tokenizer
+    marks the start of each text it is given, so about one token per piece may differ.
+    Files are read as UTF-8 with universal newlines (CRLF and CR are LF), as `open` reads text.
+
+    Process p tokenises its contiguous share of the pieces, pieces n·p / count .. n·(p + 1) /
+    count of all n (the documents' pieces in order), keeps their tokens, and `allgather(counts
+    int32 (n_local,)) -> (n,)` (the concatenation over processes in process order; not needed
+    for one process) gives every piece's token count, so every process has the rows one process
+    would. `take(indices)` tokenises the pieces those rows cover outside the share (once per
+    call), reading only their bytes; a host holds its share's tokens and a few ints per piece.
     """
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-    stream, docs = [], []  # the tokens, and each token's document
-    for doc, path in enumerate(paths):
-        with open(path, encoding="utf-8") as f:
-            tokens = tokenizer.encode(f.read()) + [tokenizer.eos_id]
-        stream.append(np.asarray(tokens, np.int32))
-        docs.append(np.full(len(tokens), doc, np.int32))
-    stream, docs = np.concatenate(stream), np.concatenate(docs)
-    if len(stream) < 2:
+    k = PIECE_BYTES if piece_bytes is None else int(piece_bytes)
+    if k < 4:
+        raise ValueError(f"piece_bytes={k}; a piece needs at least 4 bytes (a UTF-8 character).")
+    sizes = [os.path.getsize(p) for p in paths]
+    counts = [max(1, -(-size // k)) for size in sizes]  # pieces per document
+    doc_of = np.repeat(np.arange(len(paths), dtype=np.int32), counts)  # each piece's document
+    first = np.cumsum([0] + counts)  # each document's first piece
+    n = int(first[-1])
+    cuts = np.full(n, -1, np.int64)  # each piece's first byte in its file, found when needed
+
+    def byte_range(i):
+        d = doc_of[i]
+        m = i - first[d]
+        return bound(d, m), bound(d, m + 1)
+
+    def bound(d, m):
+        if m == 0 or m == counts[d]:
+            return 0 if m == 0 else sizes[d]
+        i = first[d] + m
+        if cuts[i] < 0:
+            with open(paths[d], "rb") as f:
+                cuts[i] = _find_cut(f, m * k, (m + 1) * k, sizes[d])
+        return int(cuts[i])
+
+    def encode(i):
+        lo, hi = byte_range(i)
+        path = paths[doc_of[i]]
+        with open(path, "rb") as f:
+            f.seek(lo)
+            data = f.read(hi - lo)
+        try:
+            text = data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text at byte {lo + e.start} ({e.reason}); "
+                             "save the file as UTF-8.") from None
+        eos = [tokenizer.eos_id] if i + 1 == first[doc_of[i] + 1] else []  # a document's end
+        return np.asarray(tokenizer.encode(text) + eos, np.int32)
+
+    share = range(n * process_index // process_count, n * (process_index + 1) // process_count)
+    cache = {i: encode(i) for i in share}
+    lengths = np.asarray([len(cache[i]) for i in share], np.int32)
+    if process_count > 1:
+        lengths = np.asarray(allgather(lengths))
+    if lengths.shape != (n,):
+        raise ValueError(f"allgather returned {lengths.shape} token counts for the {n} pieces "
+                         f"of {paths}; it must concatenate every process's counts in order.")
+    ends = np.cumsum(lengths, dtype=np.int64)  # each piece's end in the stream
+    total = int(ends[-1])
+    if total < 2:
         raise ValueError(f"text files {paths} hold no text; pass at least one non-empty file.")
 
     def make(indices):
-        starts = np.asarray(indices, np.int64) * seq_len
-        rows = [stream[s:s + seq_len + 1] for s in starts]
-        segments = [docs[s:s + seq_len + 1] - docs[s] + 1 for s in starts]
+        other: dict[int, np.ndarray] = {}  # pieces outside the share, tokenised once per call
+
+        def piece(i):
+            if i not in cache and i not in other:
+                other[i] = encode(i)
+            return cache[i] if i in cache else other[i]
+
+        rows, segments = [], []
+        for s in np.asarray(indices, np.int64) * seq_len:
+            a, b = np.searchsorted(ends, [s, min(s + seq_len, total - 1)], side="right")
+            tokens = np.concatenate([piece(i) for i in range(a, b + 1)])
+            docs = np.repeat(doc_of[a:b + 1], lengths[a:b + 1])
+            offset = s - (ends[a] - lengths[a])
+            rows.append(tokens[offset:offset + seq_len + 1])
+            doc = docs[offset:offset + seq_len + 1]
+            segments.append(doc - doc[0] + 1)
         flags = [np.ones(len(row), bool) for row in rows]
         return rows_to_arrays(rows, flags, [0] * len(rows), seq_len, tokenizer.pad_id, segments)
 
-    return Rows(-(-(len(stream) - 1) // seq_len),
+    return Rows(-(-(total - 1) // seq_len),
                 ("inputs", "targets", "loss_mask", "task_ids", "segment_ids"), make)
 
 
-def load_text(paths: str | Sequence[str], tokenizer: Tokenizer,
-              seq_len: int) -> dict[str, np.ndarray]:
+def load_text(paths: str | Sequence[str], tokenizer: Tokenizer, seq_len: int, *,
+              piece_bytes: int | None = None) -> dict[str, np.ndarray]:
     """Tokenises plain text files into packed rows, loss on every token within a document.
 
     Each file is one document; documents are concatenated into one stream
     `doc_1 EOS doc_2 EOS ...` cut into rows of `seq_len + 1` tokens that overlap by one, so
     every stream token is a target exactly once, except each document's first token (nothing of
     its own document precedes it). The last row is padded. A row's `segment_ids` number the
-    documents (or their pieces) it holds, from 1.
+    documents (or their pieces) it holds, from 1. A document is tokenised in pieces of about
+    `piece_bytes` (default `PIECE_BYTES`), cut at line starts: see `text_rows`.
 
     Returns:
         The `rows_to_arrays` dict with `segment_ids`, N = ceil((stream_length - 1) / seq_len);
         `task_ids` all 0.
     """
-    rows = text_rows(paths, tokenizer, seq_len)
+    rows = text_rows(paths, tokenizer, seq_len, piece_bytes=piece_bytes)
     return rows.take(np.arange(rows.num_rows))
 
 
