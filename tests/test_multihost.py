@@ -99,9 +99,15 @@ def _resume_copy(src, dst, step: int):
 @pytest.mark.slow
 def test_two_processes_match_one_and_checkpoints_move_between_them(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    out_one = _train(one, 1)[0]
-    outs_two = _train(two, 2)
+    # A pretrained base: the 1-process run pretrains it into the cache, every later run (2
+    # processes included) reads the cached base, each process only its shards.
+    base = ("--config.base.source=pretrain", "--config.base.pretrain_steps=4",
+            "--config.base.pretrain_batch_size=8", f"--config.base.cache_dir={tmp_path / 'cache'}")
+    out_one = _train(one, 1, base)[0]
+    outs_two = _train(two, 2, base)
     assert "over 1 process(es)" in out_one and all("over 2 process(es)" in o for o in outs_two)
+    assert "base model: pretraining" in out_one
+    assert all("base model: cached at" in o for o in outs_two)
     l1, l2 = _losses(one), _losses(two)
     assert sorted(l1) == sorted(l2) == [1, 2, 3, 4, 5, 6]  # process 0 alone writes metrics
     np.testing.assert_allclose([l2[s] for s in l1], list(l1.values()), rtol=RTOL)
@@ -115,9 +121,9 @@ def test_two_processes_match_one_and_checkpoints_move_between_them(tmp_path):
 
     # 2-process checkpoint -> 1-process run, and 1-process checkpoint -> 2-process run.
     _resume_copy(two, tmp_path / "two_to_one", 3)
-    _train(tmp_path / "two_to_one", 1)
+    _train(tmp_path / "two_to_one", 1, base)
     _resume_copy(one, tmp_path / "one_to_two", 3)
-    _train(tmp_path / "one_to_two", 2)
+    _train(tmp_path / "one_to_two", 2, base)
     for d in ("two_to_one", "one_to_two"):
         resumed = _losses(tmp_path / d)
         assert sorted(resumed) == [4, 5, 6], d
