@@ -493,17 +493,29 @@ def _shares_buffers(x, y) -> bool:
     return bool(pointers(x) & pointers(y))
 
 
+def base_shapes(model: nn.Module, example, mesh, rules, *, unnamed="warn"):
+    """The model's params as ``jax.ShapeDtypeStruct``s (unboxed, nested dict), each carrying its
+    ``NamedSharding`` by ``rules``: from an abstract init (``jax.eval_shape``), nothing allocated.
+    What a sharded init, a sharded checkpoint read (``io.load_params(like=...)``,
+    ``hf_sharded.load_hf_sharded``) and placement start from."""
+    specs = param_logical_specs(model, example, mesh=mesh, rules=rules, unnamed=unnamed)
+    shapes = jax.eval_shape(lambda: nn.meta.unbox(model.init(jax.random.key(0), example)["params"]))
+    out = base_shardings(specs, mesh, rules, shapes)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
+                        out)
+
+
 def init_sharded(model: nn.Module, example, mesh, rules, seed: int = 0, *, unnamed="warn"):
     """The model's params (unboxed, nested dict) created directly in their shards.
 
-    Shardings come from ``jax.eval_shape`` first; then ``jax.jit(init, out_shardings=...)`` writes
-    each device's shard on that device, so no device (or host) ever holds a whole weight. Same
-    values as ``model.init(jax.random.key(seed), example)['params']`` on one device.
+    Shardings come from ``jax.eval_shape`` first (``base_shapes``); then ``jax.jit(init,
+    out_shardings=...)`` writes each device's shard on that device, so no device (or host) ever
+    holds a whole weight. Same values as ``model.init(jax.random.key(seed), example)['params']``
+    on one device.
     """
-    specs = param_logical_specs(model, example, mesh=mesh, rules=rules, unnamed=unnamed)
+    out = jax.tree.map(lambda x: x.sharding,
+                       base_shapes(model, example, mesh, rules, unnamed=unnamed))
     init = lambda k: nn.meta.unbox(model.init(k, example)["params"])
-    shapes = jax.eval_shape(init, jax.random.key(seed))
-    out = base_shardings(specs, mesh, rules, shapes)
     return jax.jit(init, out_shardings=out)(jax.random.key(seed))
 
 

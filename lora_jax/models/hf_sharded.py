@@ -24,7 +24,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
 from safetensors import safe_open
 
 from lora_jax import sharding
@@ -156,9 +155,8 @@ def load_hf_sharded(path: str, mesh, rules, *, scan_layers: bool = False, remat:
     key_map, stored = hf.checkpoint_map(module, {k: s for k, (_, s) in files.items()}, path)
 
     tokens = jnp.zeros((1, 1), jnp.int32)
-    specs = sharding.param_logical_specs(module, tokens, mesh=mesh, rules=rules)
-    shapes = jax.eval_shape(lambda: nn.meta.unbox(module.init(jax.random.key(0), tokens)["params"]))
-    out_sh = sharding.base_shardings(specs, mesh, rules, shapes)
+    shapes = sharding.base_shapes(module, tokens, mesh, rules)
+    out_sh = jax.tree.map(lambda x: x.sharding, shapes)
 
     params: dict = {}
     fresh = getattr(module.cfg, "head", "none") != "none" and "classifier.weight" not in key_map

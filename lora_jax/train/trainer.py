@@ -213,11 +213,10 @@ def base_params(cfg: Experiment, model, hf_params, example, *, mesh=None):
     run; a waiting process then pretrains it itself).
     """
     rules = None if mesh is None else sharding.logical_rules(cfg.mesh)
+    like = lambda: sharding.base_shapes(model, example, mesh, rules)
     place = lambda p: p if mesh is None else sharding.put(
-        p, jax.tree.map(lambda x: x.sharding, _sharded_shapes(model, example, mesh, rules)),
-        may_alias=True)
-    read = lambda path: io.load_params(
-        path, None if mesh is None else _sharded_shapes(model, example, mesh, rules))
+        p, jax.tree.map(lambda x: x.sharding, like()), may_alias=True)
+    read = lambda path: io.load_params(path, None if mesh is None else like())
     if cfg.base.source == "hf":
         if not cfg.model.hf_path:
             raise ValueError("base.source='hf' needs model.hf_path")
@@ -260,16 +259,6 @@ def base_params(cfg: Experiment, model, hf_params, example, *, mesh=None):
             if train_and_evaluate(pre, workdir).get("interrupted"):
                 return None
     return read(path)
-
-
-def _sharded_shapes(model, example, mesh, rules):
-    """The base's ``jax.ShapeDtypeStruct``s, each with its ``NamedSharding`` on ``mesh`` by
-    ``rules``: from an abstract init (``jax.eval_shape``), so nothing is allocated."""
-    init = lambda: lj.transform._unbox(model.init(jax.random.key(0), example)["params"])
-    shapes = jax.eval_shape(init)
-    out = sharding.base_shardings(sharding.param_logical_specs(model, example), mesh, rules, shapes)
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
-                        out)
 
 
 def quantize_base(cfg: Experiment, model, params, example):
