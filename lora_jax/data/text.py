@@ -144,24 +144,19 @@ def text_rows(paths: str | Sequence[str], tokenizer: Tokenizer, seq_len: int, *,
     n = int(first[-1])
     cuts = np.full(n, -1, np.int64)  # each piece's first byte in its file, found when needed
 
-    def byte_range(i):
-        d = doc_of[i]
-        m = i - first[d]
-        return bound(d, m), bound(d, m + 1)
-
-    def bound(d, m):
+    def bound(f, d, m):  # where piece m of document d (open as f) starts
         if m == 0 or m == counts[d]:
             return 0 if m == 0 else sizes[d]
         i = first[d] + m
         if cuts[i] < 0:
-            with open(paths[d], "rb") as f:
-                cuts[i] = _find_cut(f, m * k, (m + 1) * k, sizes[d])
+            cuts[i] = _find_cut(f, m * k, (m + 1) * k, sizes[d])
         return int(cuts[i])
 
     def encode(i):
-        lo, hi = byte_range(i)
-        path = paths[doc_of[i]]
-        with open(path, "rb") as f:
+        d = doc_of[i]
+        path, m = paths[d], i - first[d]
+        with open(path, "rb") as f:  # one open per piece: its two cuts, then its bytes
+            lo, hi = bound(f, d, m), bound(f, d, m + 1)
             f.seek(lo)
             data = f.read(hi - lo)
         try:
