@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from lora_jax import data as D
 from lora_jax import sharding
@@ -251,15 +252,10 @@ def make_eval_step(forward: Callable, shardings: sharding.TrainShardings | None 
     sh = shardings
     eval_jit = jax.jit(eval_step, in_shardings=(sh.trainable, sh.frozen, sh.batch),
                        out_shardings=sh.batch)
+    local = lambda x: np.asarray(multihost_utils.global_array_to_host_local_array(
+        x, sh.mesh, sh.batch.spec))  # this process's rows, in the order it gave them
     return lambda t, f, batch: tuple(
-        _local_rows(x) for x in eval_jit(t, f, sharding.shard_batch(batch, sh.mesh)))
-
-
-def _local_rows(x: jax.Array) -> np.ndarray:
-    """This process's rows of a batch-sharded ``x``, in the order it gave them: a process's rows
-    lie on its devices' slices, in index order (``jax.make_array_from_process_local_data``)."""
-    shards = {s.index[0].start or 0: s.data for s in x.addressable_shards}  # replicas: one
-    return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])
+        local(x) for x in eval_jit(t, f, sharding.shard_batch(batch, sh.mesh)))
 
 
 def evaluate(eval_step, trainable, frozen, evals: D.EvalLoader, tasks) -> dict[str, Any]:
